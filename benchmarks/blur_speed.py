@@ -1,0 +1,94 @@
+"""Time SEG's query blur: our separable operator blur vs the official dense 2D depthwise conv.
+
+    python benchmarks/blur_speed.py                 # CPU, the sizes of the core issue
+    python benchmarks/blur_speed.py --device cuda --dtype float16
+
+Not a test: prints median milliseconds per call for each map size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib_seg.blur import blur_queries, gaussian_kernel_1d, kernel_size
+
+
+def dense_conv_blur(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """The official SEG-SDXL approach: reflect pad, then one k x k depthwise conv2d."""
+    batch, _, channels = q.shape
+    size = kernel_size(sigma, min(height, width))
+    k1 = gaussian_kernel_1d(sigma, size).to(q.device, q.dtype)
+    k2 = torch.outer(k1, k1).expand(channels, 1, size, size)
+    img = q.transpose(1, 2).reshape(batch, channels, height, width)
+    img = F.pad(img, [size // 2] * 4, mode="reflect")
+    return F.conv2d(img, k2, groups=channels).reshape(batch, channels, -1).transpose(1, 2)
+
+
+def separable_conv_blur(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """Two 1D depthwise convs (what a straightforward separable port would do)."""
+    batch, _, channels = q.shape
+    size = kernel_size(sigma, min(height, width))
+    k1 = gaussian_kernel_1d(sigma, size).to(q.device, q.dtype)
+    img = q.transpose(1, 2).reshape(batch, channels, height, width)
+    img = F.pad(img, [size // 2] * 4, mode="reflect")
+    img = F.conv2d(img, k1.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
+    img = F.conv2d(img, k1.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
+    return img.reshape(batch, channels, -1).transpose(1, 2)
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--sigma", type=float, default=10.0)
+    parser.add_argument("--channels", type=int, default=1280)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sides", default="32,64")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(
+        f"device={device} dtype={args.dtype} sigma={args.sigma} C={args.channels} B={args.batch} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"{'map':>7} {'ours (operator) ms':>19} {'separable conv ms':>18} {'dense 2D conv ms':>17} {'dense/ours':>10}"
+    )
+    for side in map(int, args.sides.split(",")):
+        q = torch.randn(args.batch, side * side, args.channels, device=device, dtype=dtype)
+        ours, sep, dense = (
+            median_ms(partial(fn, q, side, side, args.sigma), args.repeats, device)
+            for fn in (blur_queries, separable_conv_blur, dense_conv_blur)
+        )
+        ref = dense_conv_blur(q.double(), side, side, args.sigma)
+        err = float((blur_queries(q, side, side, args.sigma).double() - ref).norm() / ref.norm())
+        assert math.isfinite(err) and err < 1e-2, err
+        print(f"{side:>3}x{side:<3} {ours:>19.3f} {sep:>18.3f} {dense:>17.3f} {dense / ours:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()

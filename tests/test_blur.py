@@ -1,0 +1,177 @@
+"""lib_seg.blur against a slow, obvious float64 reference (dense 2D kernel, explicit reflect pad)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_seg.blur import blur_operator, blur_queries, is_infinite_sigma, kernel_size
+
+SIGMAS = [0.3, 1.0, 2.5, 5.4, 10.0, 100.0, 9999.0, 10000.0, 1e7, math.inf]
+GRIDS = [
+    (1, 1),
+    (1, 7),
+    (7, 1),
+    (2, 2),
+    (3, 3),
+    (5, 8),
+    (8, 5),
+    (16, 16),
+    (17, 9),
+    (32, 64),
+    (24, 56),
+    (13, 29),
+    (64, 64),
+    (128, 128),
+    (9, 21),
+]
+
+
+def _reflect_index(i: int, side: int) -> int:
+    if i < 0:
+        return -i
+    if i >= side:
+        return 2 * (side - 1) - i
+    return i
+
+
+def reference_blur(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """Official SEG-SDXL semantics, spelled out: dense k_h x k_w kernel over a reflect-padded map."""
+    q = q.double()
+    if sigma > 9999:
+        return q.mean(dim=1, keepdim=True).expand_as(q)
+    sizes = []
+    for side in (height, width):
+        k = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+        sizes.append(min(k, side + 1 if side % 2 == 0 else side))
+    kernels = []
+    for k in sizes:
+        offsets = [i - (k - 1) / 2 for i in range(k)]
+        g = torch.tensor([math.exp(-0.5 * (o / sigma) ** 2) for o in offsets], dtype=torch.float64)
+        kernels.append(g / g.sum())
+    dense = torch.outer(kernels[0], kernels[1])
+    kh, kw = sizes
+    batch, _, channels = q.shape
+    grid = q.reshape(batch, height, width, channels)
+    rows = torch.tensor([_reflect_index(i, height) for i in range(-(kh // 2), height + kh // 2)])
+    cols = torch.tensor([_reflect_index(j, width) for j in range(-(kw // 2), width + kw // 2)])
+    padded = grid[:, rows][:, :, cols]
+    out = torch.zeros_like(grid)
+    for a in range(kh):
+        for b in range(kw):
+            out += dense[a, b] * padded[:, a : a + height, b : b + width]
+    return out.reshape(batch, height * width, channels)
+
+
+def official_conv_blur(q: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """The official code path (square maps): F.pad reflect + dense depthwise conv2d, in float64."""
+    batch, n, channels = q.shape
+    side = math.isqrt(n)
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    k1 = pdf / pdf.sum()
+    k2 = torch.mm(k1[:, None], k1[None, :]).expand(channels, 1, size, size)
+    img = q.double().permute(0, 2, 1).reshape(batch, channels, side, side)
+    img = F.pad(img, [size // 2] * 4, mode="reflect")
+    img = F.conv2d(img, k2, groups=channels)
+    return img.reshape(batch, channels, n).permute(0, 2, 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("height,width", GRIDS)
+def test_matches_reference_fp32(height, width, sigma):
+    if height * width > 4096 and not (math.isinf(sigma) or sigma > 9999 or sigma in (1.0, 10.0)):
+        pytest.skip("the python reference is slow on the largest maps; covered by the conv check")
+    torch.manual_seed(height * 131 + width)
+    q = torch.randn(2, height * width, 5)
+    out = blur_queries(q, height, width, sigma)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, reference_blur(q, height, width, sigma)) <= 1e-6
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 8, 9, 32, 33, 64, 128])
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 2.5, 5.4, 10.0, 100.0, 9999.0])
+def test_square_maps_equal_official_conv(side, sigma):
+    """For square maps our definition is the official one: same kernel size and same numbers."""
+    torch.manual_seed(side)
+    q = torch.randn(1, side * side, 2)
+    size = kernel_size(sigma, side)
+    assert size % 2 == 1
+    if size == 1:
+        expected = q.double()
+    else:
+        expected = official_conv_blur(q, size, sigma)
+    assert rel_err(blur_queries(q, side, side, sigma), expected) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("sigma", [1.0, 10.0, math.inf])
+def test_half_precision_within_rounding(dtype, tolerance, sigma):
+    torch.manual_seed(0)
+    q = torch.randn(2, 24 * 40, 16)
+    out = blur_queries(q.to(dtype), 24, 40, sigma)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, reference_blur(q.to(dtype), 24, 40, sigma)) <= tolerance
+
+
+def test_infinite_blur_is_the_spatial_mean_everywhere():
+    torch.manual_seed(1)
+    q = torch.randn(3, 6 * 10, 4, dtype=torch.float64)
+    out = blur_queries(q, 6, 10, math.inf)
+    mean = q.mean(dim=1, keepdim=True)
+    assert torch.equal(out, mean.expand_as(q))
+    assert torch.allclose(out.mean(dim=1), q.mean(dim=1), rtol=0, atol=1e-15)
+    assert out.is_contiguous()
+
+
+def test_finite_blur_preserves_the_mean_on_periodic_free_maps():
+    """A normalised kernel with reflect padding keeps constants constant (a property, not a value)."""
+    q = torch.full((1, 9 * 12, 3), 2.5)
+    assert torch.allclose(blur_queries(q, 9, 12, 3.0), q, atol=1e-6)
+
+
+def test_sigma_9999_is_finite_and_above_is_infinite():
+    assert not is_infinite_sigma(9999.0) and is_infinite_sigma(9999.5) and is_infinite_sigma(math.inf)
+    q = torch.randn(1, 16 * 16, 2)
+    assert not torch.allclose(blur_queries(q, 16, 16, 9999.0), blur_queries(q, 16, 16, 10000.0))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, math.nan, -math.inf])
+def test_invalid_sigma_is_rejected(sigma):
+    with pytest.raises(ValueError, match="sigma"):
+        blur_queries(torch.randn(1, 4, 2), 2, 2, sigma)
+
+
+def test_token_count_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"\(1, 10, 2\).*3x4"):
+        blur_queries(torch.randn(1, 10, 2), 3, 4, 1.0)
+
+
+def test_kernel_size_rule():
+    assert kernel_size(1.0, 100) == 7
+    assert kernel_size(0.3, 100) == 3  # ceil(1.8)=2 -> 3
+    assert kernel_size(2.5, 100) == 15
+    assert kernel_size(10.0, 64) == 61
+    assert kernel_size(10.0, 32) == 33  # even side: side + 1
+    assert kernel_size(10.0, 31) == 31  # odd side: side
+    assert kernel_size(10.0, 1) == 1
+
+
+def test_operator_is_cached_and_rows_sum_to_one():
+    a = blur_operator(33, 4.0)
+    assert a is blur_operator(33, 4.0)
+    assert torch.allclose(a.sum(dim=1), torch.ones(33))
+
+
+def test_input_is_not_modified():
+    q = torch.randn(2, 64, 3)
+    before = q.clone()
+    blur_queries(q, 8, 8, math.inf)
+    blur_queries(q, 8, 8, 2.0)
+    assert torch.equal(q, before)
