@@ -1,0 +1,87 @@
+"""Blur the queries of chosen attn1 layers of an ldm/sgm-layout UNet, for one call, with module hooks.
+
+Used where the host runs the original ldm/sgm attention classes (AUTOMATIC1111).  Every attention
+optimisation there starts with ``self.to_q(x)``, and class-level ``forward`` patches are replaced on
+each model load, so a forward hook on the ``to_q`` Linear is the one point all of them share.  The
+token grid is recorded from the ``SpatialTransformer``'s input ``[B, C, H, W]`` in the same call,
+which is exact even where sides are odd or another extension resized the map; when the query count
+differs from H*W (HyperTile tiles, token merging) the layer is left alone and ``on_skip`` is told.
+
+Hooks exist only inside the ``with`` block and are removed in ``finally``: nothing outlives the
+SEG pass, whatever it raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .blur import blur_queries
+from .layers import LayerKey
+
+SkipCallback = Callable[[LayerKey, int, tuple[int, int] | None], None]
+
+
+def spatial_transformer_name(key: LayerKey) -> str:
+    """Module name of the SpatialTransformer holding ``key`` (child 1 of its TimestepEmbedSequential)."""
+    if key.part == "middle":
+        return "middle_block.1"
+    return f"{key.part}_blocks.{key.block}.1"
+
+
+def attn1_name(key: LayerKey) -> str:
+    return f"{spatial_transformer_name(key)}.transformer_blocks.{key.transformer}.attn1"
+
+
+def _record_grid(grid: dict[str, tuple[int, int]]):
+    def pre_hook(_module: nn.Module, args: tuple) -> None:
+        grid["hw"] = tuple(args[0].shape[-2:])
+
+    return pre_hook
+
+
+def _blur_output(key: LayerKey, grid: dict, sigma: float, rows: slice | None, on_skip: SkipCallback | None):
+    def hook(_module: nn.Module, _args: tuple, q: torch.Tensor) -> torch.Tensor | None:
+        height, width = grid.get("hw", (0, 0))
+        if q.dim() != 3 or q.shape[1] != height * width:
+            if on_skip is not None:
+                on_skip(key, q.shape[1] if q.dim() == 3 else -1, grid.get("hw"))
+            return None
+        if rows is None:
+            return blur_queries(q, height, width, sigma)
+        out = q.clone()
+        out[rows] = blur_queries(q[rows], height, width, sigma)
+        return out
+
+    return hook
+
+
+@contextmanager
+def blurred_queries(
+    unet: nn.Module,
+    layers: Iterable[LayerKey],
+    sigma: float,
+    rows: slice | None = None,
+    on_skip: SkipCallback | None = None,
+) -> Iterator[None]:
+    """Within the block, the queries of ``layers`` in ``unet`` are blurred (only batch ``rows`` if given)."""
+    modules = dict(unet.named_modules())
+    handles = []
+    grids: dict[str, dict] = {}
+    try:
+        for key in layers:
+            st_name, q_name = spatial_transformer_name(key), attn1_name(key) + ".to_q"
+            if st_name not in modules or q_name not in modules:
+                raise ValueError(f"SEG layers: this UNet has no attention layer {q_name}")
+            if st_name not in grids:
+                grids[st_name] = {}
+                handles.append(modules[st_name].register_forward_pre_hook(_record_grid(grids[st_name])))
+            hook = _blur_output(key, grids[st_name], sigma, rows, on_skip)
+            handles.append(modules[q_name].register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
