@@ -106,8 +106,8 @@ class SegParams:
 FIELDS = tuple(field.name for field in dataclasses.fields(SegParams))
 
 
-def from_dict(values: Mapping[str, Any]) -> SegParams:
-    """Named settings (API): keys are the field names; missing keys take defaults.
+def from_dict(values: Mapping[str, Any], defaults: SegParams | None = None) -> SegParams:
+    """Named settings (API): keys are the field names; missing keys take ``defaults``.
 
     ``enabled`` defaults to true here: a request that sends SEG settings means to use them.  An
     unknown key is an error, because a typo would otherwise silently fall back to a default.
@@ -115,4 +115,4 @@ def from_dict(values: Mapping[str, Any]) -> SegParams:
     unknown = [key for key in values if key not in FIELDS]
     if unknown:
         raise ValueError(f"SEG: unknown setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")
-    return SegParams(**{"enabled": True, **values})
+    return (defaults or SegParams()).replace(**{"enabled": True, **values})

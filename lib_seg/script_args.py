@@ -58,11 +58,11 @@ def _slider_sigma(sigma: float) -> float:
     return DEFAULT_SLIDER_SIGMA if math.isinf(sigma) else sigma
 
 
-def from_ui(values: Sequence[Any]) -> SegParams:
+def from_ui(values: Sequence[Any], defaults: SegParams | None = None) -> SegParams:
     """Params from positional values in :data:`UI_ARGS` order; a short list keeps the defaults."""
     if len(values) > len(UI_ARGS):
         raise ValueError(f"SEG takes at most {len(UI_ARGS)} positional args ({', '.join(UI_ARGS)}), got {len(values)}")
-    ui = {**ui_defaults(), **dict(zip(UI_ARGS, values, strict=False))}
+    ui = {**ui_defaults(defaults), **dict(zip(UI_ARGS, values, strict=False))}
     preset = str(ui["layer_preset"]).strip().lower()
     if preset not in LAYER_PRESETS:
         raise ValueError(f"SEG layer_preset must be one of {', '.join(LAYER_PRESETS)}, got {ui['layer_preset']!r}")
@@ -81,8 +81,12 @@ def from_ui(values: Sequence[Any]) -> SegParams:
     )
 
 
-def from_script_args(values: Sequence[Any]) -> SegParams:
-    """What the host passes the script: UI values, or one dict of named values first (API)."""
+def from_script_args(values: Sequence[Any], defaults: SegParams | None = None) -> SegParams:
+    """What the host passes the script: UI values, or one dict of named values first (API).
+
+    ``defaults`` are the user's settings-page defaults; the UI controls start from them too, so a
+    short positional list and a dict with missing keys mean the same thing.
+    """
     if values and isinstance(values[0], Mapping):
-        return from_dict(values[0])
-    return from_ui(values)
+        return from_dict(values[0], defaults)
+    return from_ui(values, defaults)

@@ -100,3 +100,8 @@ def test_frozen_and_format():
     with pytest.raises(AttributeError):
         SegParams().scale = 1  # type: ignore[misc]
     assert format_sigma(math.inf) == "inf" and format_sigma(2.5) == "2.5"
+
+
+def test_from_dict_uses_given_defaults():
+    defaults = SegParams(scale=4.0, layers="d4")
+    assert from_dict({"start": 0.1}, defaults) == SegParams(enabled=True, scale=4.0, layers="d4", start=0.1)

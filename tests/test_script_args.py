@@ -62,3 +62,9 @@ def test_ui_values_round_trip(params):
     values = ui_defaults(params)
     assert tuple(values) == UI_ARGS
     assert from_ui([values[name] for name in UI_ARGS]) == params
+
+
+def test_settings_defaults_fill_missing_values_in_both_forms():
+    defaults = SegParams(scale=5.0, blur_sigma=20.0, layers="all")
+    assert from_script_args([True], defaults) == defaults.replace(enabled=True)
+    assert from_script_args([{"end": 0.5}], defaults) == defaults.replace(enabled=True, end=0.5)
