@@ -1,0 +1,54 @@
+"""End-to-end API tests against a running WebUI with this extension installed.
+
+Skipped unless ``WEBUI_URL`` is set, e.g. ``WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e``.
+The server must have an SD1.x/SD2.x/SDXL checkpoint loaded (random weights are fine: the tests compare
+images with each other, never with references).
+"""
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+URL = os.environ.get("WEBUI_URL", "").rstrip("/")
+
+
+def pytest_collection_modifyitems(config, items):
+    if URL:
+        return
+    skip = pytest.mark.skip(reason="WEBUI_URL is not set (needs a running WebUI with this extension)")
+    for item in items:
+        if "tests/e2e" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)
+
+
+class Api:
+    def post(self, route: str, payload: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{URL}{route}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=900) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def generate(self, route: str, payload: dict) -> dict:
+        status, body = self.post(route, payload)
+        assert status == 200, body
+        return body
+
+
+def pixels(image_b64: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image_b64.split(",", 1)[-1]))).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def api() -> Api:
+    return Api()

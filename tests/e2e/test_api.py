@@ -1,0 +1,136 @@
+"""API scenarios (A1111, Forge, reForge): SEG off/on, named and positional args, bad args,
+infotext round trip, hires modes, batch, non-square size, img2img and inpaint."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image, ImageChops
+
+from .conftest import pixels
+
+TITLE = "Smoothed Energy Guidance"
+BASE = {
+    "prompt": "a red house by a lake",
+    "negative_prompt": "blurry",
+    "steps": 3,
+    "cfg_scale": 7,
+    "sampler_name": "Euler",
+    "seed": 1234,
+    "width": 128,
+    "height": 128,
+    "batch_size": 1,
+}
+
+
+def txt2img(api, args=None, **changes):
+    payload = {**BASE, **changes}
+    if args is not None:
+        payload["alwayson_scripts"] = {TITLE: {"args": args}}
+    return api.generate("/sdapi/v1/txt2img", payload)
+
+
+def same(a: str, b: str) -> bool:
+    return ImageChops.difference(pixels(a), pixels(b)).getbbox() is None
+
+
+@pytest.fixture(scope="module")
+def baseline(api):
+    return txt2img(api)
+
+
+@pytest.fixture(scope="module")
+def with_seg(api):
+    return txt2img(api, [{"enabled": True}])
+
+
+def test_seg_off_is_identical_to_no_extension(api, baseline):
+    for args in ([False], [{"enabled": False}], [True, 0.0]):
+        assert same(txt2img(api, args)["images"][0], baseline["images"][0]), args
+
+
+def test_seg_on_changes_the_image_and_writes_infotext(baseline, with_seg):
+    assert not same(with_seg["images"][0], baseline["images"][0])
+    info = json.loads(with_seg["info"])["infotexts"][0]
+    assert "SEG scale: 3" in info and "SEG blur sigma: inf" in info and "SEG layers: middle" in info
+    assert "SEG" not in json.loads(baseline["info"])["infotexts"][0]
+
+
+def test_named_and_positional_args_agree(api):
+    named = txt2img(api, [{"blur_sigma": 1.5, "layers": "all"}])
+    positional = txt2img(api, [True, 3.0, False, 1.5, "all"])
+    assert same(named["images"][0], positional["images"][0])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([{"scale": 50}], "SEG scale must be a number in [0, 20]"),
+        ([{"sigma": 3}], "unknown setting(s) 'sigma'"),
+        ([{"layers": "d3"}], "'d3' names attention layers this model does not have"),
+        ([True, 3.0, False, -1.0], "SEG blur_sigma must be a number > 0"),
+    ],
+)
+def test_bad_args_fail_the_request_and_change_nothing_after(api, baseline, args, message):
+    status, body = api.post("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {TITLE: {"args": args}}})
+    assert status >= 400 and message in json.dumps(body), body
+    assert same(txt2img(api)["images"][0], baseline["images"][0])
+
+
+def test_infotext_round_trip(api, with_seg):
+    parameters = api.generate("/sdapi/v1/png-info", {"image": with_seg["images"][0]})["info"]
+    assert "SEG scale: 3" in parameters
+    status, body = api.post("/sdapi/v1/txt2img", {"infotext": parameters, "prompt": BASE["prompt"]})
+    assert status == 200, body
+    assert same(body["images"][0], with_seg["images"][0])
+
+
+def test_hires_modes(api):
+    hires = {
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 2,
+        "denoising_strength": 0.6,
+    }
+    off = txt2img(api, [{"hires_mode": "off"}], **hires)
+    same_mode = txt2img(api, [{"hires_mode": "same"}], **hires)
+    custom = txt2img(api, [{"hires_mode": "custom", "hires_scale": 3, "hires_blur_sigma": "inf"}], **hires)
+    assert pixels(off["images"][0]).size == (192, 192)
+    assert not same(off["images"][0], same_mode["images"][0])
+    assert same(custom["images"][0], same_mode["images"][0])  # custom with the same values == same
+    assert "SEG hires: off" in json.loads(off["info"])["infotexts"][0]
+
+
+def test_batch_of_two_non_square_finite_sigma(api):
+    kwargs = {"batch_size": 2, "width": 192, "height": 128}
+    plain = txt2img(api, **kwargs)
+    seg = txt2img(api, [{"blur_sigma": 2}], **kwargs)
+    assert len(seg["images"]) == 2 and pixels(seg["images"][0]).size == (192, 128)
+    assert all(not same(a, b) for a, b in zip(plain["images"], seg["images"], strict=True))
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_and_inpaint(api, baseline):
+    init = baseline["images"][0]
+    payload = {**BASE, "init_images": [init], "denoising_strength": 0.75}
+    plain = api.generate("/sdapi/v1/img2img", payload)
+    seg = api.generate("/sdapi/v1/img2img", {**payload, "alwayson_scripts": {TITLE: {"args": [{}]}}})
+    assert not same(plain["images"][0], seg["images"][0])
+
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 128))  # repaint the left half
+    inpaint = {**payload, "mask": _png(mask), "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+    plain = pixels(api.generate("/sdapi/v1/img2img", inpaint)["images"][0])
+    seg = pixels(
+        api.generate("/sdapi/v1/img2img", {**inpaint, "alwayson_scripts": {TITLE: {"args": [{}]}}})["images"][0]
+    )
+    right = (64, 0, 128, 128)
+    assert ImageChops.difference(plain.crop(right), seg.crop(right)).getbbox() is None  # protected area
+    assert ImageChops.difference(plain.crop((0, 0, 64, 128)), seg.crop((0, 0, 64, 128))).getbbox() is not None
