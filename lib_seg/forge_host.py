@@ -1,0 +1,110 @@
+"""Which Forge-family host runs us, and its functions, resolved at call time.
+
+The three hosts (see ``/work/notes/forge-interfaces.md`` §1, §4, §5) share the UnetPatcher contract
+but keep their sampling and attention functions in different modules:
+
+============== ===================================================== ==============================================
+host           cond-only model pass                                  attention used by the UNet's attn1
+============== ===================================================== ==============================================
+``forge``      ``backend.sampling.sampling_function``                ``backend.nn.unet.attention_function`` (the
+(new, 2.x)     ``.calc_cond_uncond_batch(model, cond, None, ...)``   UNet's import-time binding; ``backend.attention``
+                                                                     as fallback)
+``reforge``    ``ldm_patched.modules.samplers.calc_cond_batch``      ``ldm_patched.ldm.modules.attention``
+               ``(model, [cond], ...)`` (the 2-way function is a     ``.optimized_attention`` (takes ``attn_precision``)
+               deprecated wrapper there)
+``forge-       ``ldm_patched.modules.samplers.calc_cond_uncond_batch``  same module attribute, no ``attn_precision``
+classic``
+============== ===================================================== ==============================================
+
+Nothing is imported at module level and nothing is cached: every lookup goes through
+``importlib.import_module`` (a ``sys.modules`` hit in a running host) and reads the module attribute
+when it is needed, so another extension that swaps the attention function later is honoured, and
+tests can install imitation modules in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+FORGE, REFORGE, FORGE_CLASSIC = "forge", "reforge", "forge-classic"
+KINDS = (FORGE, REFORGE, FORGE_CLASSIC)
+
+
+def _module(name: str) -> ModuleType | None:
+    """The host module ``name``, or None when this process has no such module (or it fails to import)."""
+    try:
+        return importlib.import_module(name)
+    except Exception:  # a missing or broken host module both mean "not this host"
+        return None
+
+
+def host_kind() -> str | None:
+    """``"forge"`` (backend/), ``"reforge"``, ``"forge-classic"`` (ldm_patched), or None.
+
+    Capabilities are tested in the report's order: new Forge deleted ``ldm_patched``; reForge's
+    ``ldm_patched`` is a recent ComfyUI sync with ``calc_cond_batch``; classic Forge has only the
+    two-way ``calc_cond_uncond_batch`` plus ``modules_forge.unet_patcher``.
+    """
+    if _module("backend.sampling.sampling_function") is not None:
+        return FORGE
+    samplers = _module("ldm_patched.modules.samplers")
+    if samplers is None:
+        return None
+    if hasattr(samplers, "calc_cond_batch") or _module("ldm_patched.modules.patcher_extension") is not None:
+        return REFORGE
+    if hasattr(samplers, "calc_cond_uncond_batch") and _module("modules_forge.unet_patcher") is not None:
+        return FORGE_CLASSIC
+    return None
+
+
+def _require(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"SEG: unknown Forge host kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def _attribute(module_names: tuple[str, ...], attribute: str) -> Any:
+    for name in module_names:
+        value = getattr(_module(name), attribute, None)
+        if value is not None:
+            return value
+    raise RuntimeError(f"SEG: the host has no {attribute} in {' or '.join(module_names)}")
+
+
+def attention_function(kind: str) -> Callable[..., torch.Tensor]:
+    """The attention the host's UNet itself uses for attn1, looked up now (not at import)."""
+    _require(kind)
+    if kind == FORGE:
+        return _attribute(("backend.nn.unet", "backend.attention"), "attention_function")
+    return _attribute(("ldm_patched.ldm.modules.attention",), "optimized_attention")
+
+
+def run_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """Host attention on projected (B, N, heads*dim_head) q/k/v, as the host's CrossAttention calls it.
+
+    Only reForge puts ``attn_precision`` in ``extra_options`` (fp32 upcast for SD2.x); classic
+    Forge's ``optimized_attention`` raises TypeError on that keyword, so it is passed only when present.
+    """
+    kwargs = {"attn_precision": extra_options["attn_precision"]} if "attn_precision" in extra_options else {}
+    return attention_function(kind)(q, k, v, extra_options["n_heads"], **kwargs)
+
+
+def cond_only_pass(
+    kind: str, model: Any, cond: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict
+) -> torch.Tensor:
+    """The conditional prediction for ``cond`` with ``model_options``, through the host's batching.
+
+    Going through the host's own function keeps area/mask conds, AND-prompt strengths, ControlNet and
+    ``model_function_wrapper`` exactly as in the main cond pass, so only our attn1 patches differ.
+    """
+    _require(kind)
+    if kind == REFORGE:
+        calc = _attribute(("ldm_patched.modules.samplers",), "calc_cond_batch")
+        return calc(model, [cond], x, sigma, model_options)[0]
+    module = "backend.sampling.sampling_function" if kind == FORGE else "ldm_patched.modules.samplers"
+    calc = _attribute((module,), "calc_cond_uncond_batch")
+    return calc(model, cond, None, x, sigma, model_options)[0]

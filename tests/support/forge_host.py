@@ -1,0 +1,321 @@
+"""Imitation of the Forge-family host contract the Forge adapter touches, written for tests.
+
+Followed interfaces (``/work/notes/forge-interfaces.md``; no host code copied):
+* classic Forge 4a9c8f32 (``ldm_patched/modules/samplers.py`` ``calc_cond_uncond_batch`` :156-274 and
+  ``sampling_function`` :278-305; ``ldm_patched/modules/model_patcher.py``
+  ``set_model_sampler_post_cfg_function`` :70-73, ``set_model_patch_replace`` :93-103;
+  ``modules_forge/unet_patcher.py`` ``UnetPatcher.clone`` :17-32, deepcopy of ``model_options``;
+  ``ldm_patched/ldm/modules/attention.py`` ``optimized_attention(q, k, v, heads, mask=None)``).
+* new Forge dfdcbab (``backend/sampling/sampling_function.py`` ``calc_cond_uncond_batch`` :154-289,
+  ``sampling_function`` :325 / ``sampling_function_inner`` :292; ``backend/patcher/base.py``;
+  ``backend/patcher/unet.py`` ``UnetPatcher.clone`` :26-35; ``backend/nn/unet.py`` binds
+  ``attention_function`` from ``backend/attention.py`` at import; ``modules/processing.py`` passes
+  ``uc=None`` when CFG is 1).
+* reForge 3b56b26 (``ldm_patched/modules/samplers.py`` ``calc_cond_batch`` :206-355 returning a list,
+  ``calc_cond_uncond_batch`` wrapper :357-359, ``cfg_function`` :372 with ``cond_scale`` in the post-CFG
+  args and ``uncond=None`` when skipped, ``sampling_function`` :413; ``attention.py`` puts
+  ``attn_precision`` and ``activations_shape`` in ``extra_options``; ``optimized_attention`` takes
+  ``attn_precision``).
+* all three: ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser`` (``step`` counted per call, reset
+  by ``initialize``; ``total_steps`` set by ``launch_sampling``) re-reads ``forge_objects.unet`` per call.
+
+Per-pass ``transformer_options`` are a shallow copy of ``model_options["transformer_options"]`` plus
+``cond_or_uncond`` and ``sigmas`` (classic/new: ``cond_mark``, ``cond_indices``, ``uncond_indices``;
+reForge: ``uuids``, ``attn_precision``).  The tiny UNet (tests/support/unet.py) always reports
+``activations_shape`` as reForge does; the classic/new imitation hides it from attn1 patches because
+their ``BasicTransformerBlock`` does not pass it.  Cond entries are ``{"model_conds": {"c_crossattn",
+"y"?}, "strength"}`` (one per AND sub-prompt), combined as the hosts do: ``sum(out * strength) /
+(1e-37 + sum(strength))``; an uncond that is not run stays zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .unet import UNetModel, attention
+
+KINDS = ("forge", "reforge", "forge-classic")
+
+
+class BaseModel:
+    """``model_base.BaseModel`` / ``backend.modules.k_model.KModel``: x0 from an eps UNet."""
+
+    def __init__(self, unet: UNetModel, attn_precision: torch.dtype | None = None):
+        self.diffusion_model = unet
+        self.attn_precision = attn_precision
+        self.calls: list[dict] = []
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, transformer_options=None, **_):
+        self.calls.append(transformer_options)
+        sigma = t[:, None, None, None]
+        eps = self.diffusion_model(
+            x / (sigma**2 + 1.0) ** 0.5, t.log() * 100.0, c_crossattn, y, transformer_options=transformer_options
+        )
+        return x - eps * sigma
+
+
+class UnetPatcher:
+    def __init__(self, model: BaseModel):
+        self.model = model
+        self.model_options: dict[str, Any] = {"transformer_options": {}}
+
+    def clone(self) -> UnetPatcher:
+        clone = UnetPatcher(self.model)
+        clone.model_options = copy.deepcopy(self.model_options)
+        return clone
+
+    def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
+        functions = self.model_options.get("sampler_post_cfg_function", [])
+        self.model_options["sampler_post_cfg_function"] = [*functions, post_cfg_function]  # a new list, as hosts do
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        options = self.model_options["transformer_options"]
+        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        options.setdefault("patches_replace", {}).setdefault("attn1", {})[key] = patch
+
+
+def _hide_activations_shape(patch):
+    def hidden(q, k, v, extra_options):
+        return patch(q, k, v, {k_: v_ for k_, v_ in extra_options.items() if k_ != "activations_shape"})
+
+    return hidden
+
+
+def _pass_options(kind: str, model: BaseModel, model_options: dict, cond_or_uncond: list[int], sigma) -> dict:
+    options = model_options.get("transformer_options", {}).copy()
+    options["cond_or_uncond"] = cond_or_uncond[:]
+    options["sigmas"] = sigma
+    if kind == "reforge":
+        options["uuids"] = [f"uuid-{i}" for i in cond_or_uncond]
+        options["attn_precision"] = model.attn_precision
+        return options
+    options["cond_mark"] = torch.tensor(cond_or_uncond, dtype=torch.float32)
+    options["cond_indices"] = [i for i, c in enumerate(cond_or_uncond) if c == 0]
+    options["uncond_indices"] = [i for i, c in enumerate(cond_or_uncond) if c == 1]
+    replaces = options.get("patches_replace", {})
+    if "attn1" in replaces:
+        attn1 = {key: _hide_activations_shape(patch) for key, patch in replaces["attn1"].items()}
+        options["patches_replace"] = {**replaces, "attn1": attn1}
+    return options
+
+
+def _calc(kind: str, model: BaseModel, conds: list, x_in, timestep, model_options) -> list[torch.Tensor]:
+    """Run every entry of every non-None cond list in one UNet call (the hosts batch when they can)."""
+    outs = [torch.zeros_like(x_in) for _ in conds]
+    counts = [torch.ones_like(x_in) * 1e-37 for _ in conds]
+    to_run = [(index, entry) for index, entries in enumerate(conds) if entries is not None for entry in entries]
+    if not to_run:
+        return outs
+    rows = x_in.shape[0]
+    cond_or_uncond = [index for index, _ in to_run]
+    model_conds = [entry["model_conds"] for _, entry in to_run]
+    c = {"c_crossattn": torch.cat([m["c_crossattn"] for m in model_conds])}
+    if "y" in model_conds[0]:
+        c["y"] = torch.cat([m["y"] for m in model_conds])
+    c["transformer_options"] = _pass_options(kind, model, model_options, cond_or_uncond, timestep)
+    x = torch.cat([x_in] * len(to_run))
+    output = model.apply_model(x, torch.cat([timestep] * len(to_run)), **c)
+    for chunk, (index, entry) in enumerate(to_run):
+        strength = entry.get("strength", 1.0)
+        outs[index] += output[chunk * rows : (chunk + 1) * rows] * strength
+        counts[index] += strength
+    return [out / count for out, count in zip(outs, counts, strict=True)]
+
+
+def make_calc_cond_uncond_batch(kind: str):
+    def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
+        calc_cond_uncond_batch.calls += 1
+        return tuple(_calc(kind, model, [cond, uncond], x_in, timestep, model_options))
+
+    calc_cond_uncond_batch.calls = 0
+    return calc_cond_uncond_batch
+
+
+def calc_cond_batch(model, conds, x_in, timestep, model_options):
+    """reForge: one output tensor per entry of ``conds``."""
+    calc_cond_batch.calls += 1
+    return _calc("reforge", model, list(conds), x_in, timestep, model_options)
+
+
+calc_cond_batch.calls = 0
+
+
+def _post_cfg(model_options, args):
+    denoised = args["denoised"]
+    for function in model_options.get("sampler_post_cfg_function", []):
+        denoised = function({**args, "denoised": denoised})
+    return denoised
+
+
+def make_sampling_function(kind: str, samplers: types.ModuleType):
+    def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options):
+        skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        uncond_ = None if skip else uncond
+        if kind == "reforge":
+            cond_pred, uncond_pred = samplers.calc_cond_batch(model, [cond, uncond_], x, timestep, model_options)
+        else:
+            cond_pred, uncond_pred = samplers.calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
+        args = {
+            "denoised": uncond_pred + (cond_pred - uncond_pred) * cond_scale,
+            "cond": cond,
+            "uncond": uncond_ if kind == "reforge" else uncond,
+            "model": model,
+            "uncond_denoised": uncond_pred,
+            "cond_denoised": cond_pred,
+            "sigma": timestep,
+            "model_options": model_options,
+            "input": x,
+        }
+        if kind == "reforge":
+            args["cond_scale"] = cond_scale
+        return _post_cfg(model_options, args)
+
+    return sampling_function
+
+
+def classic_optimized_attention(q, k, v, heads, mask=None):
+    """Classic Forge: no ``attn_precision`` keyword (passing one is a TypeError there)."""
+    return attention(q, k, v, heads)
+
+
+def reforge_optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False):
+    reforge_optimized_attention.precisions.append(attn_precision)
+    return attention(q, k, v, heads)
+
+
+reforge_optimized_attention.precisions = []
+
+
+def forge_attention_function(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False):
+    return attention(q, k, v, heads)
+
+
+def _modules(**modules: dict[str, Any]) -> dict[str, types.ModuleType]:
+    made = {}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        for key, value in attributes.items():
+            setattr(module, key, value)
+        made[name] = module
+    return made
+
+
+def host_modules(kind: str) -> dict[str, types.ModuleType]:
+    """``sys.modules`` entries a host of ``kind`` has, with the functions the adapter resolves."""
+    if kind == "forge":
+        sampling = types.ModuleType("backend.sampling.sampling_function")
+        sampling.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
+        sampling.sampling_function = make_sampling_function(kind, sampling)
+        made = _modules(
+            **{
+                "backend": {},
+                "backend.sampling": {},
+                "backend.nn": {},
+                "backend.nn.unet": {"attention_function": forge_attention_function},
+                "backend.attention": {"attention_function": forge_attention_function},
+                "backend.patcher.unet": {"UnetPatcher": UnetPatcher},
+            }
+        )
+        return {**made, sampling.__name__: sampling}
+    samplers = types.ModuleType("ldm_patched.modules.samplers")
+    samplers.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
+    samplers.sampling_function = make_sampling_function(kind, samplers)
+    attention_module = {
+        "optimized_attention": reforge_optimized_attention if kind == "reforge" else classic_optimized_attention
+    }
+    made = _modules(
+        **{
+            "ldm_patched": {},
+            "ldm_patched.modules": {},
+            "ldm_patched.ldm": {},
+            "ldm_patched.ldm.modules": {},
+            "ldm_patched.ldm.modules.attention": attention_module,
+            "modules_forge": {},
+            "modules_forge.unet_patcher": {"UnetPatcher": UnetPatcher},
+        }
+    )
+    if kind == "reforge":
+        calc_cond_batch.calls = 0
+        samplers.calc_cond_batch = calc_cond_batch
+        made.update(_modules(**{"ldm_patched.modules.patcher_extension": {}}))
+    return {**made, samplers.__name__: samplers}
+
+
+def install(monkeypatch, kind: str) -> dict[str, types.ModuleType]:
+    """Put a host's modules in ``sys.modules`` for one test (``monkeypatch`` undoes it)."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("backend", "ldm_patched", "modules_forge"):
+            monkeypatch.delitem(sys.modules, name)
+    modules = host_modules(kind)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules
+
+
+@dataclass
+class ForgeObjects:
+    unet: UnetPatcher
+
+    def shallow_copy(self) -> ForgeObjects:
+        return ForgeObjects(self.unet)
+
+
+class CFGDenoiser:
+    """``CFGDenoiser.forward``'s Forge part: re-read the unet patcher, sample, count the call."""
+
+    def __init__(self, kind: str, p: Any):
+        self.kind, self.p = kind, p
+        self.step, self.total_steps = 0, None
+
+    def __call__(self, x, sigma, cond, uncond, cond_scale):
+        unet = self.p.sd_model.forge_objects.unet
+        if self.kind == "forge" and cond_scale == 1.0:
+            uncond = None  # new Forge's processing drops uc at CFG 1
+        samplers = sys.modules[
+            "backend.sampling.sampling_function" if self.kind == "forge" else "ldm_patched.modules.samplers"
+        ]
+        denoised = samplers.sampling_function(unet.model, x, sigma, uncond, cond, cond_scale, unet.model_options)
+        self.step += 1
+        return denoised
+
+
+@dataclass
+class Sampler:
+    model_wrap_cfg: CFGDenoiser
+
+    def sample(self, x, sigmas, cond, uncond, cond_scale) -> list[torch.Tensor]:
+        """Denoiser outputs at each step's sigma (x kept fixed, so steps are comparable one by one)."""
+        self.model_wrap_cfg.step = 0  # initialize()
+        self.model_wrap_cfg.total_steps = len(sigmas) - 1  # launch_sampling(), first-order sampler
+        return [self.model_wrap_cfg(x, sigma.expand(x.shape[0]), cond, uncond, cond_scale) for sigma in sigmas[:-1]]
+
+
+@dataclass
+class Processing:
+    """``p`` as ``process_before_every_sampling`` sees it."""
+
+    sd_model: Any
+    sampler: Sampler | None = None
+    is_hr_pass: bool = False
+    forge_objects_original: ForgeObjects | None = field(default=None)
+
+    def reset_forge_objects(self) -> None:
+        """``p.sd_model.forge_objects = forge_objects_original.shallow_copy()`` (per batch / hires)."""
+        self.sd_model.forge_objects = self.forge_objects_original.shallow_copy()
+
+
+def make_processing(kind: str, unet: UNetModel, attn_precision=None) -> Processing:
+    patcher = UnetPatcher(BaseModel(unet, attn_precision))
+    objects = ForgeObjects(patcher)
+    p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
+    p.sampler = Sampler(CFGDenoiser(kind, p))
+    return p
