@@ -11,6 +11,10 @@ How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_de
   one extra ``inner_model`` call on those cond rows with the queries of the chosen attn1 layers
   blurred, and add ``seg_scale * sum_w w (cond - cond_seg)`` per image.  Being a separate call, it
   does not care how the main pass was batched (batch_cond_uncond, prompt lengths, skipped uncond).
+* Batched mode (``batch_rows``, when the host batches cond and uncond in one call of equal token
+  length): the callback inserts the SEG rows between the cond and the uncond rows instead, the
+  inner model's call blurs only those rows, and with ``prefix_reuse`` the blocks before the first
+  blurred one compute them once (:mod:`lib_seg.batching`).  Anything else uses the separate call.
 * Errors (bad settings, layers the model lacks) are raised from inside sampling: A1111 only logs
   exceptions from script hooks, but one from the denoiser fails the request with the message.
 No host module is imported at module level; the script passes host objects in.
@@ -20,18 +24,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import guidance, layers, query_hooks, schedule
+from . import batching, guidance, layers, query_hooks, schedule
 from .params import SegParams
 
 log = logging.getLogger("sd_webui_seg")
 
 RUN_ATTR = "_seg_run"
 WRAPPED_ATTR = "_seg_wrapped_combine"
+WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
 
 
 def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
@@ -66,8 +72,28 @@ def condition_dict(text_cond: Any, image_cond: torch.Tensor) -> dict[str, Any]:
     return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
 
 
+def _crossattn(text_cond: Any) -> torch.Tensor:
+    return text_cond["crossattn"] if isinstance(text_cond, Mapping) else text_cond
+
+
 def cond_rows(text_cond: Any) -> int:
-    return int((text_cond["crossattn"] if isinstance(text_cond, Mapping) else text_cond).shape[0])
+    return int(_crossattn(text_cond).shape[0])
+
+
+def _doubled(text_cond: Any) -> Any:
+    if isinstance(text_cond, Mapping):
+        return {key: torch.cat([value, value]) for key, value in text_cond.items()}
+    return torch.cat([text_cond, text_cond])
+
+
+@dataclass
+class BatchedStep:
+    """This step's SEG rows are ``n_cond .. 2 n_cond`` of the main call (``rows`` or ``rows - uncond``)."""
+
+    n_cond: int
+    rows: tuple[int, ...]
+    setting: tuple[float, float]
+    ran: list = field(default_factory=list)  # set once the main call really blurred the SEG rows
 
 
 @dataclass
@@ -77,19 +103,38 @@ class SegRun:
     params: SegParams | None
     is_hr_pass: bool = False
     error: Exception | None = None
+    batch_rows: bool = False
+    prefix_reuse: bool = True
     captured: tuple | None = None
+    batched: BatchedStep | None = None
+    wrapped_models: list = field(default_factory=list)
     skipped: set = field(default_factory=set)
     _resolved: dict = field(default_factory=dict)
 
     def capture(self, denoiser_params: Any) -> None:
-        """``cfg_denoiser`` callback: keep the cond rows of the main pass (they come first)."""
-        n = cond_rows(denoiser_params.text_cond)
-        self.captured = (
-            denoiser_params.x[:n],
-            denoiser_params.sigma[:n],
-            denoiser_params.image_cond[:n],
-            denoiser_params.text_cond,
-        )
+        """``cfg_denoiser`` callback: keep the cond rows of the main pass (they come first), and in
+        batched mode add the SEG rows to it (the host reads x, sigma, image_cond, text_cond back)."""
+        dp = denoiser_params
+        n = cond_rows(dp.text_cond)
+        self.captured = (dp.x[:n], dp.sigma[:n], dp.image_cond[:n], dp.text_cond)
+        self.batched = None
+        if self.error is not None or not self.batch_rows or not self._batchable(dp):
+            return
+        setting = self.active(dp.denoiser)
+        if setting is None:
+            return
+        uncond = dp.x.shape[0] - n
+        dp.x, dp.sigma, dp.image_cond = (batching.with_seg_rows(t, n) for t in (dp.x, dp.sigma, dp.image_cond))
+        dp.text_cond = _doubled(dp.text_cond)
+        self.batched = BatchedStep(n, (2 * n + uncond, 2 * n), setting)
+        if _wrap_inner_forward(dp.denoiser):
+            self.wrapped_models.append(dp.denoiser.inner_model)
+
+    @staticmethod
+    def _batchable(dp: Any) -> bool:
+        """One main call holds every row only when cond and uncond have the same token count."""
+        uncond = getattr(dp, "text_uncond", None)
+        return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
 
     def layers_for(self, unet: torch.nn.Module) -> tuple[layers.LayerKey, ...]:
         """Resolve the spec against the UNet in use now (the refiner may swap it mid-run)."""
@@ -126,14 +171,52 @@ class SegRun:
                 "x".join(map(str, grid or ())),
             )
 
+    def blurring_rows(self, unet: torch.nn.Module, rows: int) -> ExitStack:
+        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
+        step = self.batched
+        stack = ExitStack()
+        chosen = self.layers_for(unet)
+        seg_rows = slice(step.n_cond, 2 * step.n_cond)
+        stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self._warn_skip))
+        if self.prefix_reuse and "forward" not in vars(unet):  # an instance-patched forward: recompute all
+            stack.enter_context(batching.shared_prefix(unet, chosen, step.n_cond, rows))
+        return stack
+
     def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:
-        setting = self.active(denoiser)
+        step, self.batched = self.batched, None
+        if step is not None and step.ran:
+            n = step.n_cond
+            return guidance.apply_seg_composable(denoised, x_out[:n], x_out[n : 2 * n], conds_list, step.setting[0])
+        setting = step.setting if step is not None else self.active(denoiser)  # a batch the host split up
         if setting is None:
             return denoised
         seg_scale, sigma_blur = setting
         cond_seg = self.seg_prediction(denoiser, sigma_blur)
         cond = x_out[: cond_seg.shape[0]]
         return guidance.apply_seg_composable(denoised, cond, cond_seg, conds_list, seg_scale)
+
+
+def _wrap_inner_forward(denoiser: Any) -> bool:
+    """Blur the SEG rows during the main ``inner_model`` call of a batched step (wrapped once;
+    the refiner switch replaces the inner model, hence the check every step)."""
+    model_wrap = denoiser.inner_model
+    if hasattr(model_wrap.forward, WRAPPED_FORWARD_ATTR):
+        return False
+    original = model_wrap.forward
+
+    def forward(x, sigma, **kwargs):
+        run = getattr(denoiser, RUN_ATTR, None)
+        step = run.batched if run is not None else None
+        if step is None or x.shape[0] not in step.rows:
+            return original(x, sigma, **kwargs)
+        with run.blurring_rows(diffusion_model(denoiser.p.sd_model), x.shape[0]):
+            out = original(x, sigma, **kwargs)
+        step.ran.append(True)
+        return out
+
+    setattr(forward, WRAPPED_FORWARD_ATTR, original)
+    model_wrap.forward = forward
+    return True
 
 
 def _seg_combine_denoised(denoiser: Any):
@@ -166,7 +249,10 @@ def detach(denoiser: Any) -> None:
             del denoiser.combine_denoised
         else:
             denoiser.combine_denoised = original
-    vars(denoiser).pop(RUN_ATTR, None)
+    run = vars(denoiser).pop(RUN_ATTR, None)
+    for model_wrap in run.wrapped_models if run is not None else ():
+        if hasattr(vars(model_wrap).get("forward"), WRAPPED_FORWARD_ATTR):
+            del model_wrap.forward
 
 
 def on_cfg_denoiser(denoiser_params: Any) -> None:

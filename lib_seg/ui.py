@@ -40,6 +40,13 @@ SETTINGS: tuple[tuple[str, str, str, str, dict], ...] = (
 )
 
 
+BATCH_ROWS_SETTING = "seg_batch_rows"
+BATCH_ROWS_LABEL = (
+    "Run the SEG rows inside the main UNet call when the host batches cond and uncond together "
+    "(faster; more VRAM; never with --medvram/--lowvram)"
+)
+
+
 def register_settings(shared: Any, gr: Any) -> None:
     """Add the settings section (call from ``on_ui_settings``)."""
     kinds = {"slider": gr.Slider, "textbox": gr.Textbox, "radio": gr.Radio}
@@ -49,6 +56,16 @@ def register_settings(shared: Any, gr: Any) -> None:
         value = "inf" if field == "blur_sigma" else value
         option = shared.OptionInfo(value, label, kinds[kind], args, section=SETTINGS_SECTION)
         shared.opts.add_option(key, option)
+    option = shared.OptionInfo(True, BATCH_ROWS_LABEL, gr.Checkbox, {}, section=SETTINGS_SECTION)
+    shared.opts.add_option(BATCH_ROWS_SETTING, option)
+
+
+def batch_rows_allowed(opts: Any, cmd_opts: Any, is_sdxl: bool) -> bool:
+    """Batched SEG rows need the host's single cond+uncond call and the memory for 1.5x its rows."""
+    low_memory = getattr(cmd_opts, "lowvram", False) or getattr(cmd_opts, "medvram", False)
+    low_memory = low_memory or (is_sdxl and getattr(cmd_opts, "medvram_sdxl", False))
+    wanted = getattr(opts, BATCH_ROWS_SETTING, True) and getattr(opts, "batch_cond_uncond", True)
+    return bool(wanted) and not low_memory
 
 
 def defaults_from_opts(opts: Any) -> SegParams:

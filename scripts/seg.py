@@ -88,7 +88,10 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
             return
         denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
         if denoiser is not None:
-            a1111.attach(denoiser, a1111.SegRun(params, is_hr_pass=bool(getattr(p, "is_hr_pass", False)), error=error))
+            is_sdxl = bool(getattr(p.sd_model, "is_sdxl", False))
+            batch_rows = seg_ui.batch_rows_allowed(shared.opts, getattr(shared, "cmd_opts", None), is_sdxl)
+            hr = bool(getattr(p, "is_hr_pass", False))
+            a1111.attach(denoiser, a1111.SegRun(params, is_hr_pass=hr, error=error, batch_rows=batch_rows))
 
     def postprocess(self, p, processed, *args):
         a1111.detach(getattr(getattr(p, "sampler", None), "model_wrap_cfg", None))

@@ -226,3 +226,141 @@ def test_unsupported_models(sd1):
     )
     assert "custom UNet" in a1111.unsupported_reason(sd1, custom_unet=object())
     assert "no ldm/sgm UNet" in a1111.unsupported_reason(SimpleNamespace(model=SimpleNamespace()))
+
+
+# --- batched SEG rows and prefix reuse -------------------------------------------------------------
+
+
+def run_counting(model, inputs, run_, steps=1, **kwargs):
+    """Run with ``run_`` attached; returns outputs and the row count of every UNet call."""
+    unet = model.model.diffusion_model
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    denoiser = CFGDenoiser(model, callbacks=[a1111.on_cfg_denoiser], batch_cond_uncond=kwargs.pop("bcu", True))
+    denoiser.total_steps = steps
+    a1111.attach(denoiser, run_)
+    try:
+        with torch.no_grad():
+            outs = [denoiser(**inputs, **kwargs) for _ in range(steps)]
+    finally:
+        handle.remove()
+        a1111.detach(denoiser)
+    assert not has_hooks(unet)
+    return outs, rows
+
+
+LAYOUTS = {
+    "plain": ({}, {}),
+    "and-prompts": ({"and_weights": [[(0, 0.6), (1, 0.4)], [(2, 1.0)]]}, {}),
+    "skip-uncond": ({}, {"skip_uncond": True}),
+}
+
+
+def to_dtype(inputs, dtype):
+    def cast(value):
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value.to(dtype) if torch.is_tensor(value) else value
+
+    return {k: (v[0], cast(v[1])) if k == "cond" else cast(v) for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def sd1_f64():
+    return FakeSDModel(build_unet(TINY_SD1, seed=1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("spec,sigma", [("middle", math.inf), ("d3,u4", 2.0), ("u4", math.inf)])
+@pytest.mark.parametrize("prefix_reuse", [False, True])
+def test_batched_equals_separate_bit_for_bit_in_float64(sd1_f64, layout, spec, sigma, prefix_reuse):
+    """The batched call (with or without prefix reuse) computes the same function as the separate
+    pass.  CPU kernels may pick batch-size-dependent summation orders (oneDNN/MKL), so results agree
+    to rounding: float64 here (<= 1e-12, mostly bit-identical), float32 in the next test."""
+    sd1 = sd1_f64
+    make_kwargs, run_kwargs = LAYOUTS[layout]
+    inputs = to_dtype(make_inputs(sd1.model.diffusion_model.config, **make_kwargs), torch.float64)
+    params = SegParams(enabled=True, layers=spec, blur_sigma=sigma)
+    (separate,), separate_rows = run_counting(sd1, inputs, a1111.SegRun(params), **run_kwargs)
+    batched_run = a1111.SegRun(params, batch_rows=True, prefix_reuse=prefix_reuse)
+    (batched,), batched_rows = run_counting(sd1, inputs, batched_run, **run_kwargs)
+    n_cond, images = sum(len(c) for c in inputs["cond"][0]), inputs["x"].shape[0]
+    main = n_cond + (0 if run_kwargs else images)
+    assert separate_rows == [main, n_cond]  # main call, then the separate SEG call
+    assert batched_rows == [main + n_cond]  # one call holding the SEG rows
+    torch.testing.assert_close(batched, separate, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("prefix_reuse", [False, True])
+def test_batched_equals_separate_to_rounding_in_float32(sd1, prefix_reuse):
+    inputs = make_inputs(sd1.model.diffusion_model.config)
+    params = SegParams(enabled=True, layers="d3,m0", blur_sigma=2.0)
+    (separate,), _ = run_counting(sd1, inputs, a1111.SegRun(params))
+    (batched,), _ = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True, prefix_reuse=prefix_reuse))
+    (plain,), _ = run_counting(sd1, inputs, a1111.SegRun(SegParams()))
+    torch.testing.assert_close(batched, separate, rtol=0, atol=2e-4)
+    assert (batched - plain).abs().max() > 100 * (batched - separate).abs().max()
+
+
+def test_batched_sdxl_dict_conds_odd_size():
+    sdxl = FakeSDModel(build_unet(TINY_SDXL, seed=2, dtype=torch.float64))
+    inputs = to_dtype(make_inputs(sdxl.model.diffusion_model.config, height=7, width=15), torch.float64)
+    params = SegParams(enabled=True, layers="m0,u1.1", blur_sigma=3.0)
+    (separate,), _ = run_counting(sdxl, inputs, a1111.SegRun(params))
+    (batched,), rows = run_counting(sdxl, inputs, a1111.SegRun(params, batch_rows=True))
+    assert rows == [6]
+    torch.testing.assert_close(batched, separate, rtol=0, atol=1e-12)
+
+
+def test_batched_falls_back_when_lengths_differ_or_the_host_splits_the_batch(sd1_f64):
+    sd1 = sd1_f64
+    params = SegParams(enabled=True, blur_sigma=2.0)
+    config = sd1.model.diffusion_model.config
+    inputs = to_dtype(make_inputs(config, cond_tokens=10, uncond_tokens=5), torch.float64)
+    (separate,), _ = run_counting(sd1, inputs, a1111.SegRun(params))
+    (batched,), rows = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True))
+    assert rows == [2, 2, 2]  # cond chunk, uncond, separate SEG call: no extra rows added
+    assert torch.equal(batched, separate)  # the very same calls
+    inputs = to_dtype(make_inputs(config), torch.float64)
+    (separate,), _ = run_counting(sd1, inputs, a1111.SegRun(params), bcu=False)
+    (split,), rows = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True), bcu=False)
+    assert rows == [2, 2, 2, 2]  # the host chunked [cond, seg, uncond]: SEG rows unblurred, so recomputed
+    torch.testing.assert_close(split, separate, rtol=0, atol=1e-12)
+
+
+def test_prefix_reuse_skipped_when_the_unet_forward_is_patched(sd1_f64, monkeypatch):
+    sd1 = sd1_f64
+    unet = sd1.model.diffusion_model
+    calls = []
+    original = a1111.batching.shared_prefix
+    monkeypatch.setattr(a1111.batching, "shared_prefix", lambda *a: calls.append(a) or original(*a))
+    inputs = to_dtype(make_inputs(unet.config), torch.float64)
+    params = SegParams(enabled=True)
+    (reused,), _ = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True))
+    assert len(calls) == 1
+    unet.forward = lambda *a, **k: type(unet).forward(unet, *a, **k)  # e.g. ControlNet's instance patch
+    try:
+        (full,), _ = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True))
+    finally:
+        del unet.forward
+    assert len(calls) == 1
+    torch.testing.assert_close(full, reused, rtol=0, atol=1e-12)
+
+
+def test_batched_adds_no_rows_outside_the_window_or_when_off(sd1):
+    inputs = make_inputs(sd1.model.diffusion_model.config)
+    baseline, _ = run_counting(sd1, inputs, a1111.SegRun(SegParams()), steps=2)
+    outs, rows = run_counting(sd1, inputs, a1111.SegRun(SegParams(enabled=True, end=0.4), batch_rows=True), steps=2)
+    assert rows == [6, 4] and torch.equal(outs[1], baseline[1]) and not torch.equal(outs[0], baseline[0])
+    _, rows = run_counting(sd1, inputs, a1111.SegRun(SegParams(), batch_rows=True), steps=2)
+    assert rows == [4, 4]
+
+
+def test_detach_unwraps_the_inner_model(sd1):
+    denoiser = CFGDenoiser(sd1, callbacks=[a1111.on_cfg_denoiser])
+    a1111.attach(denoiser, a1111.SegRun(SegParams(enabled=True), batch_rows=True))
+    with torch.no_grad():
+        denoiser(**make_inputs(sd1.model.diffusion_model.config))
+    assert "forward" in vars(denoiser.inner_model)
+    a1111.detach(denoiser)
+    assert "forward" not in vars(denoiser.inner_model)

@@ -75,6 +75,7 @@ def test_settings_registered_and_used_as_ui_defaults(host):
         "seg_default_blur_sigma",
         "seg_default_layers",
         "seg_default_hires_mode",
+        "seg_batch_rows",
     }
     assert all(info.section == ("seg", "Smoothed Energy Guidance") for info in labels.values())
     host.shared.opts.seg_default_blur_sigma = "12"
@@ -144,7 +145,8 @@ def test_process_writes_infotext_only_when_enabled(host, sd_model):
     assert p.extra_generation_params["SEG layers"] == "middle"
 
 
-def run_job(host, sd_model, args, steps=2):
+def run_job(host, sd_model, args, steps=2, batch_rows=True):
+    host.shared.opts.seg_batch_rows = batch_rows
     script = host.module.SmoothedEnergyGuidanceScript()
     p = make_p(sd_model)
     denoiser = CFGDenoiser(sd_model, p=p, callbacks=host.callbacks["on_cfg_denoiser"])
@@ -162,9 +164,11 @@ def run_job(host, sd_model, args, steps=2):
     return outs, p
 
 
-def test_job_off_on_and_next_job_unchanged(host, sd_model):
+@pytest.mark.parametrize("batch_rows", [True, False])
+def test_job_off_on_and_next_job_unchanged(host, sd_model, batch_rows):
     baseline, _ = run_job(host, sd_model, default_args())
-    with_seg, p = run_job(host, sd_model, [{"enabled": True}])
+    with_seg, p = run_job(host, sd_model, [{"enabled": True}], batch_rows=batch_rows)
+    assert p.sampler.model_wrap_cfg.__dict__.get("_seg_run") is None
     after, _ = run_job(host, sd_model, default_args())
     assert all(torch.equal(a, b) for a, b in zip(baseline, after, strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(baseline, with_seg, strict=True))
@@ -210,3 +214,16 @@ def test_xyz_overrides_reach_the_job(host, sd_model):
     script.process(p, *default_args())
     params, error = p._seg_state
     assert error is None and params.enabled and math.isclose(params.blur_sigma, 4.0)
+
+
+def test_batch_rows_allowed():
+    from lib_seg.ui import batch_rows_allowed
+
+    opts = SimpleNamespace(seg_batch_rows=True, batch_cond_uncond=True)
+    assert batch_rows_allowed(opts, SimpleNamespace(), is_sdxl=False)
+    assert not batch_rows_allowed(opts, SimpleNamespace(medvram=True), is_sdxl=False)
+    assert not batch_rows_allowed(opts, SimpleNamespace(lowvram=True), is_sdxl=False)
+    assert not batch_rows_allowed(opts, SimpleNamespace(medvram_sdxl=True), is_sdxl=True)
+    assert batch_rows_allowed(opts, SimpleNamespace(medvram_sdxl=True), is_sdxl=False)
+    assert not batch_rows_allowed(SimpleNamespace(seg_batch_rows=False), None, is_sdxl=False)
+    assert not batch_rows_allowed(SimpleNamespace(batch_cond_uncond=False), None, is_sdxl=False)

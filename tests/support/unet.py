@@ -272,7 +272,8 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x, timesteps, context, y=None, transformer_options: dict | None = None):
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(t_emb)
         if self.config.adm_in_channels:
             emb = emb + self.label_emb(y)
         options = None

@@ -1,0 +1,226 @@
+"""Per-step cost of SEG on a GPU: CFG only vs the SEG strategies of the A1111 adapter.
+
+    python benchmarks/seg_step.py --out docs/benchmarks.md        # on a CUDA machine
+
+The UNets are tests/support/unet.py built with the real SD1.5 and SDXL configurations (their parameter
+counts equal the released models': 859.5 M and 2567.5 M) with random fp16 weights; the CFG denoiser
+is the v1.10.1 imitation in tests/support/a1111_host.py; the SEG code under test is lib_seg.a1111
+(the adapter the WebUI script uses), in four modes:
+
+* ``cfg``      - SEG off (attached but disabled: also checks bit-identity with no extension);
+* ``separate`` - one extra UNet call on the cond rows per step;
+* ``batched``  - the SEG rows inside the main call;
+* ``prefix``   - batched, with the blocks before the first blurred layer computed once.
+
+Each mode is timed over whole denoiser calls (one sampling step) with CUDA events: warm-up, then the
+median of ``--repeats``.  Ratios are step time over the ``cfg`` step measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lib_seg import a1111  # noqa: E402
+from lib_seg.blur import blur_queries  # noqa: E402
+from lib_seg.params import SegParams  # noqa: E402
+from tests.support.a1111_host import CFGDenoiser, FakeSDModel  # noqa: E402
+from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel  # noqa: E402
+
+MODELS = {"sdxl": SDXL, "sd15": SD15, "tiny-sdxl": TINY_SDXL, "tiny-sd1": TINY_SD1}
+MODES = ("cfg", "separate", "batched", "prefix")
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> FakeSDModel:
+    torch.manual_seed(0)
+    with device:
+        unet = UNetModel(MODELS[name])
+    return FakeSDModel(unet.to(dtype).eval())
+
+
+def make_inputs(model: FakeSDModel, batch: int, side: int, device, dtype) -> dict:
+    cfg = model.model.diffusion_model.config
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def text():
+        crossattn = torch.randn(batch, 77, cfg.context_dim, generator=g, device=device, dtype=dtype)
+        if cfg.adm_in_channels:
+            return {
+                "crossattn": crossattn,
+                "vector": torch.randn(batch, cfg.adm_in_channels, generator=g, device=device, dtype=dtype),
+            }
+        return crossattn
+
+    latent = side // 8
+    return dict(
+        x=torch.randn(batch, 4, latent, latent, generator=g, device=device, dtype=dtype),
+        sigma=torch.full((batch,), 5.0, device=device, dtype=dtype),
+        uncond=text(),
+        cond=([[(i, 1.0)] for i in range(batch)], text()),
+        cond_scale=7.0,
+        image_cond=torch.zeros(batch, 5, 1, 1, device=device, dtype=dtype),
+    )
+
+
+def seg_run(mode: str, layers: str, sigma: float) -> a1111.SegRun:
+    if mode == "cfg":
+        return a1111.SegRun(SegParams())
+    params = SegParams(enabled=True, layers=layers, blur_sigma=sigma)
+    return a1111.SegRun(params, batch_rows=mode != "separate", prefix_reuse=mode == "prefix")
+
+
+class Timer:
+    """CUDA events on a GPU, the wall clock elsewhere (CPU smoke runs only)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1000
+
+
+def time_steps(denoiser: CFGDenoiser, inputs: dict, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:
+    times = []
+    out = None
+    for i in range(warmup + repeats):
+        with Timer(inputs["x"].device) as timer:
+            out = denoiser(**inputs)
+        if i >= warmup:
+            times.append(timer.ms)
+    return statistics.median(times), out
+
+
+def blur_ms(model: FakeSDModel, inputs: dict, layers: str, sigma: float, repeats: int) -> float:
+    """GPU time of the finite-sigma blurs of one step: the real q shapes, blurred alone."""
+    unet = model.model.diffusion_model
+    shapes = []
+    chosen = a1111.SegRun(SegParams(enabled=True, layers=layers)).layers_for(unet)
+    grids = {}
+    handles = [
+        unet.get_submodule(f"{name}").register_forward_pre_hook(
+            lambda m, a, n=name: grids.__setitem__(n, tuple(a[0].shape[-2:]))
+        )
+        for name in {a1111.query_hooks.spatial_transformer_name(k) for k in chosen}
+    ]
+    cond_rows = inputs["x"].shape[0]
+    with torch.no_grad():
+        denoiser = CFGDenoiser(model)
+        denoiser(**inputs)
+    for h in handles:
+        h.remove()
+    for key in chosen:
+        h, w = grids[a1111.query_hooks.spatial_transformer_name(key)]
+        channels = unet.get_submodule(a1111.query_hooks.attn1_name(key)).to_q.out_features
+        shapes.append((cond_rows, h, w, channels))
+    qs = [torch.randn(b, h * w, c, device=inputs["x"].device, dtype=inputs["x"].dtype) for b, h, w, c in shapes]
+
+    def run():
+        for q, (_, h, w, _) in zip(qs, shapes, strict=True):
+            blur_queries(q, h, w, sigma)
+
+    for _ in range(3):
+        run()
+    with Timer(inputs["x"].device) as timer:
+        for _ in range(repeats):
+            run()
+    return timer.ms / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4,sd15:768:1,sd15:768:4")
+    parser.add_argument("--layers", default="middle,all")
+    parser.add_argument("--sigmas", default="inf,10")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
+    header = (
+        f"Card: {card}; torch {torch.__version__}; {args.dtype}; "
+        f"{datetime.date.today().isoformat()}; warm-up {args.warmup}, median of {args.repeats} steps"
+    )
+    print(header, flush=True)
+    rows = [
+        "| model | size | batch | layers | sigma | CFG ms | separate | batched | batched+prefix | "
+        "blur % of step | peak MiB CFG / sep / batched / prefix | off bit-identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    models: dict[str, FakeSDModel] = {}
+    for case in args.cases.split(","):
+        name, side, batch = case.split(":")
+        side, batch = int(side), int(batch)
+        if name not in models:
+            models.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            models[name] = build_model(name, device, dtype)
+        model = models[name]
+        inputs = make_inputs(model, batch, side, device, dtype)
+        with torch.no_grad():
+            plain_out = CFGDenoiser(model)(**inputs)
+        for layers in args.layers.split(","):
+            for sigma_text in args.sigmas.split(","):
+                sigma = math.inf if sigma_text == "inf" else float(sigma_text)
+                times, peaks, outs = {}, {}, {}
+                for mode in MODES:
+                    denoiser = CFGDenoiser(model, callbacks=[a1111.on_cfg_denoiser])
+                    denoiser.total_steps = 10**9
+                    a1111.attach(denoiser, seg_run(mode, layers, sigma))
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    with torch.no_grad():
+                        times[mode], outs[mode] = time_steps(denoiser, inputs, args.warmup, args.repeats)
+                    peaks[mode] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+                    a1111.detach(denoiser)
+                base = times["cfg"]
+                share = (
+                    "-"
+                    if math.isinf(sigma)
+                    else f"{100 * blur_ms(model, inputs, layers, sigma, 20) / times['prefix']:.2f}"
+                )
+                identical = torch.equal(outs["cfg"], plain_out)
+                err = (outs["prefix"].float() - outs["separate"].float()).abs().max().item()
+                row = (
+                    f"| {name} | {side}² | {batch} | {layers} | {sigma_text} | {base:.1f} | "
+                    f"{times['separate'] / base:.2f}× | {times['batched'] / base:.2f}× | "
+                    f"{times['prefix'] / base:.2f}× | {share} | "
+                    f"{peaks['cfg']:.0f} / {peaks['separate']:.0f} / {peaks['batched']:.0f} / {peaks['prefix']:.0f} | "
+                    f"{'yes' if identical else 'NO'} (prefix vs separate max diff {err:.1e}) |"
+                )
+                rows.append(row)
+                print(row, flush=True)
+    table = "\n".join([header, "", *rows, ""])
+    print("\n" + table)
+    if args.out:
+        Path(args.out).write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""lib_seg.batching on the test UNet: prefix reuse equals full recomputation."""
+
+import torch
+
+from lib_seg.batching import blocks_in_order, prefix_blocks, shared_prefix, with_seg_rows, without_seg_rows
+from lib_seg.layers import LayerKey
+from tests.support.unet import TINY_SDXL, build_unet
+
+
+def test_row_layout():
+    t = torch.arange(5)
+    assert with_seg_rows(t, 2).tolist() == [0, 1, 0, 1, 2, 3, 4]
+    assert without_seg_rows(with_seg_rows(t, 2), 2).tolist() == t.tolist()
+
+
+def test_prefix_blocks_are_those_before_the_first_selected_block():
+    unet = build_unet(TINY_SDXL)
+    order = [key for key, _ in blocks_in_order(unet)]
+    assert order[: len(unet.input_blocks)] == [("input", i) for i in range(len(unet.input_blocks))]
+    assert len(prefix_blocks(unet, [LayerKey("middle", 0, 1), LayerKey("output", 1, 0)])) == len(unet.input_blocks)
+    assert len(prefix_blocks(unet, [LayerKey("output", 2, 0)])) == len(unet.input_blocks) + 3
+    assert prefix_blocks(unet, [LayerKey("input", 0, 0)]) == []
+
+
+def test_shared_prefix_matches_full_recomputation_and_saves_rows():
+    unet = build_unet(TINY_SDXL)
+    n, uncond = 2, 2
+    g = torch.Generator().manual_seed(0)
+    x = with_seg_rows(torch.randn(n + uncond, 4, 9, 7, generator=g), n)
+    context = with_seg_rows(torch.randn(n + uncond, 3, 16, generator=g), n)
+    y = with_seg_rows(torch.randn(n + uncond, 12, generator=g), n)
+    t = torch.full((x.shape[0],), 500.0)
+    seen = []
+    handle = unet.middle_block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        full = unet(x, t, context, y)
+        first_input_rows = []
+        with shared_prefix(unet, [LayerKey("middle", 0, 0)], n, x.shape[0]):
+            # registered after the prefix hooks, so it sees what the block really computes on
+            h2 = unet.input_blocks[1].register_forward_pre_hook(lambda m, a: first_input_rows.append(a[0].shape[0]))
+            shared = unet(x, t, context, y)
+            h2.remove()
+    handle.remove()
+    assert first_input_rows == [n + uncond]  # the down path ran without the SEG rows
+    assert seen == [6, 6]  # the middle block got every row both times
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-6)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
