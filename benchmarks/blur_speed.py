@@ -87,7 +87,9 @@ def main() -> None:
         ref = dense_conv_blur(q.double(), side, side, args.sigma)
         err = float((blur_queries(q, side, side, args.sigma).double() - ref).norm() / ref.norm())
         assert math.isfinite(err) and err < 1e-2, err
-        print(f"{side:>3}x{side:<3} {ours:>19.3f} {sep:>18.3f} {dense:>17.3f} {dense / ours:>9.1f}x")
+        print(
+            f"{side:>3}x{side:<3} {ours:>19.3f} {sep:>18.3f} {dense:>17.3f} {dense / ours:>9.1f}x   rel.err {err:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def blur_operator(side: int, sigma: float, device=None, dtype=torch.float32) -> 
 def blur_queries(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
     """Blur queries ``q`` of shape (B, N, C), tokens row-major over a height x width grid.
 
-    Returns a tensor of the same shape and dtype.  Half-precision input is blurred in float32 and cast
-    back, so the rounding is one cast, not k accumulated fp16 additions.
+    Returns a tensor of the same shape and dtype.  Half-precision input is accumulated in float32
+    (explicitly on the CPU, by the matrix units on GPUs), so the error is a rounding or two, not k
+    accumulated fp16 additions.
     """
     sigma = check_sigma(sigma)
     if q.dim() != 3 or q.shape[1] != height * width:
@@ -97,10 +98,14 @@ def blur_queries(q: torch.Tensor, height: int, width: int, sigma: float) -> torc
             f"queries of shape {tuple(q.shape)} do not fit a {height}x{width} token grid "
             f"(expected (B, {height * width}, C))"
         )
-    work = q if q.dtype in (torch.float32, torch.float64) else q.float()
+    # CPUs: blur half precision in float32.  CUDA/MPS matrix units already accumulate fp16/bf16
+    # products in float32, so there we skip two full-size conversion copies per layer.
+    upcast = q.dtype not in (torch.float32, torch.float64) and q.device.type == "cpu"
+    work = q.float() if upcast else q
     if is_infinite_sigma(sigma):
-        blurred = work.mean(dim=1, keepdim=True).expand_as(work)
-        return blurred.to(q.dtype).contiguous()
+        accumulate = torch.float32 if work.dtype in (torch.float16, torch.bfloat16) else None
+        blurred = work.mean(dim=1, keepdim=True, dtype=accumulate)
+        return blurred.to(q.dtype).expand_as(q).contiguous()
     batch, _, channels = work.shape
     grid = work.reshape(batch, height, width * channels)
     rows = blur_operator(height, sigma, work.device, work.dtype)
