@@ -46,8 +46,7 @@ def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
     return unet if isinstance(unet, torch.nn.Module) and hasattr(unet, "input_blocks") else None
 
 
-def available_layers(unet: torch.nn.Module) -> tuple[layers.LayerKey, ...]:
-    return layers.layers_from_module_names(name for name, _ in unet.named_modules())
+available_layers = layers.unet_layers
 
 
 def unsupported_reason(sd_model: Any, custom_unet: Any = None) -> str | None:

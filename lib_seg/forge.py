@@ -1,6 +1,7 @@
 """Forge-family adapter: classic Forge (ldm_patched), new Forge (backend/) and reForge.
 
-How SEG runs there (interfaces: ``/work/notes/forge-interfaces.md``; host modules via :mod:`.forge_host`):
+How SEG runs there (interfaces read from classic Forge 4a9c8f32, new Forge dfdcbab and reForge 3b56b26;
+the files are cited in ``tests/support/forge_host.py``; host modules are resolved via :mod:`.forge_host`):
 
 * ``process_before_every_sampling`` calls :func:`patch_unet`.  It clones
   ``p.sd_model.forge_objects.unet`` (a UnetPatcher), registers one post-CFG function on the clone
@@ -59,8 +60,7 @@ def diffusion_model(patcher: Any) -> torch.nn.Module | None:
     return None
 
 
-def available_layers(model: torch.nn.Module) -> tuple[layers.LayerKey, ...]:
-    return layers.layers_from_module_names(name for name, _ in model.named_modules())
+available_layers = layers.unet_layers
 
 
 def with_attn1_replaces(model_options: Mapping, patches: Mapping[tuple, Patch]) -> dict:

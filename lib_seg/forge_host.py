@@ -1,6 +1,6 @@
 """Which Forge-family host runs us, and its functions, resolved at call time.
 
-The three hosts (see ``/work/notes/forge-interfaces.md`` §1, §4, §5) share the UnetPatcher contract
+The three hosts (classic Forge 4a9c8f32, new Forge dfdcbab, reForge 3b56b26) share the UnetPatcher contract
 but keep their sampling and attention functions in different modules:
 
 ============== ===================================================== ==============================================

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 PARTS = ("input", "middle", "output")
 PART_LETTERS = {"d": "input", "m": "middle", "u": "output"}
@@ -54,6 +54,11 @@ def layers_from_module_names(names: Iterable[str]) -> tuple[LayerKey, ...]:
     """Sorted attn1 layer keys of a UNet, from its ``named_modules()`` names."""
     found = {key for key in map(layer_from_module_name, names) if key is not None}
     return tuple(sorted(found, key=sort_key))
+
+
+def unet_layers(unet: Any) -> tuple[LayerKey, ...]:
+    """attn1 layer keys of an ldm-layout UNet module (anything with ``named_modules()``)."""
+    return layers_from_module_names(name for name, _ in unet.named_modules())
 
 
 def sort_key(key: LayerKey) -> tuple[int, int, int]:

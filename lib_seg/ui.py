@@ -96,21 +96,32 @@ def paste_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     return ui_defaults(params)
 
 
+def _sigma_controls(gr: Any, elem_id: Callable[[str], str], start: Mapping[str, Any], prefix: str):
+    """The "infinite blur" checkbox and the sigma slider it disables (main pass or ``hires_``)."""
+    label = "Hires " if prefix else ""
+    with gr.Row():
+        infinite = gr.Checkbox(
+            value=start[f"{prefix}infinite_blur"],
+            label=f"{label}Infinite blur".capitalize(),
+            elem_id=elem_id(f"{prefix}infinite"),
+        )
+        sigma = gr.Slider(
+            *SLIDER_SIGMA_RANGE,
+            step=0.5,
+            value=start[f"{prefix}blur_sigma"],
+            label=f"{label}Blur sigma".capitalize(),
+            interactive=not start[f"{prefix}infinite_blur"],
+            elem_id=elem_id(f"{prefix}sigma"),
+        )
+    return infinite, sigma
+
+
 def build(gr: Any, input_accordion: Any, elem_id: Callable[[str], str], defaults: SegParams):
     """Create the controls; returns (components in UI_ARGS order, infotext paste fields)."""
     start = ui_defaults(defaults)
     with input_accordion(False, label=TITLE, elem_id=elem_id("enabled")) as enabled:
         scale = gr.Slider(*SCALE_RANGE, step=0.1, value=start["scale"], label="SEG scale", elem_id=elem_id("scale"))
-        with gr.Row():
-            infinite = gr.Checkbox(value=start["infinite_blur"], label="Infinite blur", elem_id=elem_id("infinite"))
-            sigma = gr.Slider(
-                *SLIDER_SIGMA_RANGE,
-                step=0.5,
-                value=start["blur_sigma"],
-                label="Blur sigma",
-                interactive=not start["infinite_blur"],
-                elem_id=elem_id("sigma"),
-            )
+        infinite, sigma = _sigma_controls(gr, elem_id, start, "")
         with gr.Row():
             preset = gr.Dropdown(
                 list(LAYER_PRESETS), value=start["layer_preset"], label="Layers", elem_id=elem_id("layer_preset")
@@ -136,18 +147,7 @@ def build(gr: Any, input_accordion: Any, elem_id: Callable[[str], str], defaults
                 label="Hires SEG scale",
                 elem_id=elem_id("hires_scale"),
             )
-            with gr.Row():
-                hires_infinite = gr.Checkbox(
-                    value=start["hires_infinite_blur"], label="Hires infinite blur", elem_id=elem_id("hires_infinite")
-                )
-                hires_sigma = gr.Slider(
-                    *SLIDER_SIGMA_RANGE,
-                    step=0.5,
-                    value=start["hires_blur_sigma"],
-                    label="Hires blur sigma",
-                    interactive=not start["hires_infinite_blur"],
-                    elem_id=elem_id("hires_sigma"),
-                )
+            hires_infinite, hires_sigma = _sigma_controls(gr, elem_id, start, "hires_")
     for source, target, update in (
         (infinite, sigma, lambda checked: gr.update(interactive=not checked)),
         (hires_infinite, hires_sigma, lambda checked: gr.update(interactive=not checked)),

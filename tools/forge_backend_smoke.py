@@ -6,7 +6,7 @@ Builds a tiny random ``backend.nn.unet.IntegratedUNet2DConditionModel``, wraps i
 ``cond_ref`` comes from an unpatched pass with a forward hook on the layer's ``to_q`` (no adapter code).
 
 Run with the Forge venv:
-    FORGE_DIR=/work/hosts/forge /work/hosts/venv-forge/bin/python tools/forge_backend_smoke.py
+    FORGE_DIR=/path/to/forge /path/to/forge-venv/bin/python tools/forge_backend_smoke.py
 ``--always-cpu`` is added to argv because ``backend.args`` parses it at import.
 """
 
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 def _setup_paths() -> None:
     sys.argv.append("--always-cpu")
-    forge_dir = os.environ.get("FORGE_DIR", "/work/hosts/forge")
+    forge_dir = os.environ.get("FORGE_DIR", "../forge")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = [forge_dir, f"{forge_dir}/packages_3rdparty", f"{forge_dir}/repositories/huggingface_guess", repo]
     sys.path[:0] = extra

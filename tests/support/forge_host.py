@@ -1,6 +1,6 @@
 """Imitation of the Forge-family host contract the Forge adapter touches, written for tests.
 
-Followed interfaces (``/work/notes/forge-interfaces.md``; no host code copied):
+Followed interfaces (read from the host sources; no host code copied):
 * classic Forge 4a9c8f32 (``ldm_patched/modules/samplers.py`` ``calc_cond_uncond_batch`` :156-274 and
   ``sampling_function`` :278-305; ``ldm_patched/modules/model_patcher.py``
   ``set_model_sampler_post_cfg_function`` :70-73, ``set_model_patch_replace`` :93-103;
