@@ -134,3 +134,25 @@ def test_img2img_and_inpaint(api, baseline):
     right = (64, 0, 128, 128)
     assert ImageChops.difference(plain.crop(right), seg.crop(right)).getbbox() is None  # protected area
     assert ImageChops.difference(plain.crop((0, 0, 64, 128)), seg.crop((0, 0, 64, 128))).getbbox() is not None
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "UniPC", "DPM++ 2M"])
+def test_other_samplers(api, sampler):
+    """DDIM/UniPC run in eps space (timesteps as sigma), DPM++ in x0 space: SEG must act in both."""
+    plain = txt2img(api, sampler_name=sampler)
+    off = txt2img(api, [False], sampler_name=sampler)
+    seg = txt2img(api, [{"blur_sigma": 3}], sampler_name=sampler)
+    assert same(plain["images"][0], off["images"][0])
+    assert not same(plain["images"][0], seg["images"][0])
+
+
+@pytest.mark.parametrize(
+    "changes", [{"cfg_scale": 1}, {"prompt": "a red house AND a lake :0.5"}, {"negative_prompt": "blurry, " * 40}]
+)
+def test_seg_alone_and_prompts_and_unequal_lengths(api, changes):
+    """CFG 1 (SEG alone), composable AND prompts, and a negative prompt longer than 75 tokens
+    (cond/uncond of different lengths: the separate SEG call)."""
+    plain = txt2img(api, **changes)
+    seg = txt2img(api, [{"end": 0.7}], **changes)
+    assert not same(plain["images"][0], seg["images"][0])
+    assert "SEG end: 0.7" in json.loads(seg["info"])["infotexts"][0]
