@@ -37,6 +37,10 @@ class Api:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
+    def get(self, route: str) -> dict:
+        with urllib.request.urlopen(f"{URL}{route}", timeout=60) as response:
+            return json.loads(response.read())
+
     def generate(self, route: str, payload: dict) -> dict:
         status, body = self.post(route, payload)
         assert status == 200, body
@@ -52,3 +56,9 @@ def pixels(image_b64: str):
 @pytest.fixture(scope="session")
 def api() -> Api:
     return Api()
+
+
+@pytest.fixture(scope="session")
+def is_forge(api) -> bool:
+    """Forge 2.x (backend/): its options carry forge_* keys."""
+    return any(key.startswith("forge_additional_modules") for key in api.get("/sdapi/v1/options"))
