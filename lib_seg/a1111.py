@@ -92,7 +92,7 @@ class BatchedStep:
     n_cond: int
     rows: tuple[int, ...]
     setting: tuple[float, float]
-    ran: list = field(default_factory=list)  # set once the main call really blurred the SEG rows
+    ran: bool = False  # set once the main call really blurred the SEG rows
 
 
 @dataclass
@@ -210,7 +210,7 @@ def _wrap_inner_forward(denoiser: Any) -> bool:
             return original(x, sigma, **kwargs)
         with run.blurring_rows(diffusion_model(denoiser.p.sd_model), x.shape[0]):
             out = original(x, sigma, **kwargs)
-        step.ran.append(True)
+        step.ran = True
         return out
 
     setattr(forward, WRAPPED_FORWARD_ATTR, original)
