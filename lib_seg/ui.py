@@ -35,7 +35,13 @@ SETTINGS: tuple[tuple[str, str, str, str, dict], ...] = (
         "textbox",
         {},
     ),
-    ("seg_default_layers", "layers", "Default layers (preset or block list, e.g. middle, d4,m0, u0.3)", "textbox", {}),
+    (
+        "seg_default_layers",
+        "layers",
+        "Default layers (preset or block list, e.g. middle, or m0,d4,u3; SDXL also u0.3 = transformer 3 of u0)",
+        "textbox",
+        {},
+    ),
     ("seg_default_hires_mode", "hires_mode", "Default hires-fix mode", "radio", {"choices": list(HIRES_MODES)}),
 )
 
@@ -129,7 +135,7 @@ def build(gr: Any, input_accordion: Any, elem_id: Callable[[str], str], defaults
             custom = gr.Textbox(
                 value=start["custom_layers"],
                 label="Custom layers",
-                placeholder="e.g. d4,m0,u0.3",
+                placeholder="e.g. m0,d4,u3 (SDXL: u0.3 = transformer 3 of u0)",
                 visible=start["layer_preset"] == "custom",
                 elem_id=elem_id("custom_layers"),
             )
