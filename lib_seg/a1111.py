@@ -22,6 +22,7 @@ No host module is imported at module level; the script passes host objects in.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -80,8 +81,13 @@ def cond_rows(text_cond: Any) -> int:
 
 
 def _doubled(text_cond: Any) -> Any:
+    """The cond rows twice.  SDXL conds are A1111's ``DictWithShape`` (a dict with a ``shape``
+    property the host reads), so the copy keeps the class."""
     if isinstance(text_cond, Mapping):
-        return {key: torch.cat([value, value]) for key, value in text_cond.items()}
+        doubled = copy.copy(text_cond)
+        for key, value in text_cond.items():
+            doubled[key] = torch.cat([value, value])
+        return doubled
     return torch.cat([text_cond, text_cond])
 
 

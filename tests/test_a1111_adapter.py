@@ -11,7 +11,7 @@ from lib_seg import a1111
 from lib_seg.layers import resolve_layers
 from lib_seg.params import SegParams
 from tests.support import slow_seg
-from tests.support.a1111_host import CFGDenoiser, CompVisDenoiser, FakeSDModel, InterruptedException
+from tests.support.a1111_host import CFGDenoiser, CompVisDenoiser, DictWithShape, FakeSDModel, InterruptedException
 from tests.support.unet import TINY_SD1, TINY_SDXL, build_unet
 
 
@@ -27,7 +27,8 @@ def make_inputs(config, images=2, height=13, width=9, cond_tokens=5, uncond_toke
     def text(rows, tokens):
         crossattn = torch.randn(rows, tokens, config.context_dim, generator=g)
         if config.adm_in_channels:
-            return {"crossattn": crossattn, "vector": torch.randn(rows, config.adm_in_channels, generator=g)}
+            vector = torch.randn(rows, config.adm_in_channels, generator=g)
+            return DictWithShape({"crossattn": crossattn, "vector": vector})
         return crossattn
 
     x = torch.randn(images, 4, height, width, generator=g)
@@ -259,7 +260,7 @@ LAYOUTS = {
 def to_dtype(inputs, dtype):
     def cast(value):
         if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
+            return DictWithShape({k: cast(v) for k, v in value.items()})
         return value.to(dtype) if torch.is_tensor(value) else value
 
     return {k: (v[0], cast(v[1])) if k == "cond" else cast(v) for k, v in inputs.items()}

@@ -27,6 +27,18 @@ import torch
 from .unet import UNetModel
 
 
+class DictWithShape(dict):
+    """``modules/prompt_parser.py`` ``DictWithShape``: SDXL conds, a dict whose ``shape`` is crossattn's."""
+
+    def __init__(self, x, shape=None):
+        super().__init__()
+        self.update(x)
+
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+
 class InterruptedException(BaseException):
     """A1111's ``sd_samplers_common.InterruptedException`` is a BaseException too."""
 
@@ -71,16 +83,16 @@ class CompVisDenoiser(torch.nn.Module):
 
 def _cat(conds):
     if isinstance(conds[0], dict):
-        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        return DictWithShape({k: torch.cat([c[k] for c in conds]) for k in conds[0]})
     return torch.cat(conds)
 
 
 def _rows(cond, a, b):
-    return {k: v[a:b] for k, v in cond.items()} if isinstance(cond, dict) else cond[a:b]
+    return DictWithShape({k: v[a:b] for k, v in cond.items()}) if isinstance(cond, dict) else cond[a:b]
 
 
 def _tokens(cond):
-    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
+    return cond.shape[1]  # as the host reads it: tensor.shape / DictWithShape.shape
 
 
 class CFGDenoiser(torch.nn.Module):
@@ -165,4 +177,4 @@ class CFGDenoiser(torch.nn.Module):
 
 
 def _rows_count(uncond):
-    return (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
+    return uncond.shape[0]
