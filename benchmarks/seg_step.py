@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from lib_seg import a1111  # noqa: E402
 from lib_seg.blur import blur_queries  # noqa: E402
 from lib_seg.params import SegParams  # noqa: E402
-from tests.support.a1111_host import CFGDenoiser, FakeSDModel  # noqa: E402
+from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel  # noqa: E402
 from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel  # noqa: E402
 
 MODELS = {"sdxl": SDXL, "sd15": SD15, "tiny-sdxl": TINY_SDXL, "tiny-sd1": TINY_SD1}
@@ -55,10 +55,8 @@ def make_inputs(model: FakeSDModel, batch: int, side: int, device, dtype) -> dic
     def text():
         crossattn = torch.randn(batch, 77, cfg.context_dim, generator=g, device=device, dtype=dtype)
         if cfg.adm_in_channels:
-            return {
-                "crossattn": crossattn,
-                "vector": torch.randn(batch, cfg.adm_in_channels, generator=g, device=device, dtype=dtype),
-            }
+            vector = torch.randn(batch, cfg.adm_in_channels, generator=g, device=device, dtype=dtype)
+            return DictWithShape({"crossattn": crossattn, "vector": vector})
         return crossattn
 
     latent = side // 8
