@@ -39,6 +39,7 @@ log = logging.getLogger("sd_webui_seg")
 RUN_ATTR = "_seg_run"
 WRAPPED_ATTR = "_seg_wrapped_combine"
 WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
+ERROR_ATTR = "_seg_raises"
 
 
 def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
@@ -237,10 +238,29 @@ def _seg_combine_denoised(denoiser: Any):
 
 
 def attach(denoiser: Any, run: SegRun) -> None:
-    """Give ``denoiser`` (a ``CFGDenoiser``) this run; wrap its ``combine_denoised`` once."""
+    """Give ``denoiser`` (a ``CFGDenoiser``) this run; wrap its ``combine_denoised`` once.
+
+    A run that carries an error makes the denoiser's first call raise it, before any UNet work.
+    """
     if not hasattr(denoiser.combine_denoised, WRAPPED_ATTR):
         denoiser.combine_denoised = _seg_combine_denoised(denoiser)
     setattr(denoiser, RUN_ATTR, run)
+    _drop_raiser(denoiser)
+    if run.error is not None:
+        denoiser.forward = _raiser(run.error)
+
+
+def _raiser(error: Exception):
+    def forward(*_args, **_kwargs):
+        raise error
+
+    setattr(forward, ERROR_ATTR, True)
+    return forward
+
+
+def _drop_raiser(denoiser: Any) -> None:
+    if hasattr(vars(denoiser).get("forward"), ERROR_ATTR):
+        del denoiser.forward
 
 
 def detach(denoiser: Any) -> None:
@@ -254,6 +274,7 @@ def detach(denoiser: Any) -> None:
             del denoiser.combine_denoised
         else:
             denoiser.combine_denoised = original
+    _drop_raiser(denoiser)
     run = vars(denoiser).pop(RUN_ATTR, None)
     for model_wrap in run.wrapped_models if run is not None else ():
         if hasattr(vars(model_wrap).get("forward"), WRAPPED_FORWARD_ATTR):

@@ -189,8 +189,18 @@ def test_errors_raise_inside_sampling_with_the_message(sd1):
         run(sd1, inputs, SegParams(enabled=True, layers="d2"))
     denoiser = CFGDenoiser(sd1, callbacks=[a1111.on_cfg_denoiser])
     a1111.attach(denoiser, a1111.SegRun(None, error=ValueError("SEG scale must be a number in [0, 20], got 99")))
+    unet_calls = []
+    handle = sd1.model.diffusion_model.register_forward_pre_hook(lambda *a: unet_calls.append(1))
     with pytest.raises(ValueError, match=r"SEG scale must be a number in \[0, 20\]"), torch.no_grad():
         denoiser(**inputs)
+    handle.remove()
+    assert unet_calls == []  # raised before any UNet work
+    a1111.attach(denoiser, a1111.SegRun(SegParams()))  # img2img reuses the denoiser for the next batch
+    with torch.no_grad():
+        denoiser(**inputs)
+    a1111.attach(denoiser, a1111.SegRun(None, error=ValueError("x")))
+    a1111.detach(denoiser)
+    assert "forward" not in vars(denoiser)
     assert not has_hooks(sd1.model.diffusion_model)
 
 
