@@ -23,7 +23,6 @@ No host module is imported at module level; the script passes host objects in.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,20 +33,13 @@ import torch
 from . import batching, guidance, layers, query_hooks, schedule
 from .params import SegParams
 
-log = logging.getLogger("sd_webui_seg")
-
 RUN_ATTR = "_seg_run"
 WRAPPED_ATTR = "_seg_wrapped_combine"
 WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
 ERROR_ATTR = "_seg_raises"
 
 
-def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
-    """The UNet of an ldm/sgm model (``sd_model.model.diffusion_model``), or None for other kinds."""
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-    return unet if isinstance(unet, torch.nn.Module) and hasattr(unet, "input_blocks") else None
-
-
+diffusion_model = query_hooks.ldm_unet
 available_layers = layers.unet_layers
 
 
@@ -114,7 +106,7 @@ class SegRun:
     captured: tuple | None = None
     batched: BatchedStep | None = None
     wrapped_models: list = field(default_factory=list)
-    skipped: set = field(default_factory=set)
+    on_skip: query_hooks.SkipCallback = field(default_factory=query_hooks.skip_warner)
     _resolved: dict = field(default_factory=dict)
 
     def capture(self, denoiser_params: Any) -> None:
@@ -164,18 +156,8 @@ class SegRun:
             raise RuntimeError("SEG: the cfg_denoiser callback did not run; is the script loaded?")
         x, sigma, image_cond, text_cond = self.captured
         unet = diffusion_model(denoiser.p.sd_model)
-        with query_hooks.blurred_queries(unet, self.layers_for(unet), sigma_blur, on_skip=self._warn_skip):
+        with query_hooks.blurred_queries(unet, self.layers_for(unet), sigma_blur, on_skip=self.on_skip):
             return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
-
-    def _warn_skip(self, key: layers.LayerKey, n_tokens: int, grid: tuple[int, int] | None) -> None:
-        if key not in self.skipped:
-            self.skipped.add(key)
-            log.warning(
-                "SEG: %s sees %d queries, not the %s token grid (HyperTile/ToMe/Deep Shrink?); left unblurred",
-                layers.format_layers([key]),
-                n_tokens,
-                "x".join(map(str, grid or ())),
-            )
 
     def blurring_rows(self, unet: torch.nn.Module, rows: int) -> ExitStack:
         """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
@@ -183,7 +165,7 @@ class SegRun:
         stack = ExitStack()
         chosen = self.layers_for(unet)
         seg_rows = slice(step.n_cond, 2 * step.n_cond)
-        stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self._warn_skip))
+        stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self.on_skip))
         if self.prefix_reuse and "forward" not in vars(unet):  # an instance-patched forward: recompute all
             stack.enter_context(batching.shared_prefix(unet, chosen, step.n_cond, rows))
         return stack

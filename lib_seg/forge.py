@@ -32,15 +32,14 @@ from typing import Any
 
 import torch
 
-from . import blur, forge_host, geometry, guidance, layers, schedule
+from . import blur, forge_host, geometry, guidance, layers, query_hooks, schedule
 from .params import SegParams
 
 log = logging.getLogger("sd_webui_seg")
 
 SEG_MARK = "_sd_webui_seg_post_cfg"
-UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
 Patch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-SkipCallback = Callable[[layers.LayerKey, int], None]
+SkipCallback = query_hooks.SkipCallback
 
 
 def host_kind() -> str | None:
@@ -52,14 +51,7 @@ def unet_patcher(p: Any) -> Any | None:
     return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
-def diffusion_model(patcher: Any) -> torch.nn.Module | None:
-    """The ldm-layout UNet behind a UnetPatcher, or None for DiTs (Flux, Chroma, SD3) and the like."""
-    model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
-    if isinstance(model, torch.nn.Module) and all(hasattr(model, part) for part in UNET_PARTS):
-        return model
-    return None
-
-
+diffusion_model = query_hooks.ldm_unet
 available_layers = layers.unet_layers
 
 
@@ -132,20 +124,7 @@ def sampling_progress(denoiser: Any, transformer_options: Mapping, sigma: torch.
     return None
 
 
-def skip_warner() -> SkipCallback:
-    warned: set[layers.LayerKey] = set()
-
-    def on_skip(key: layers.LayerKey, n_tokens: int) -> None:
-        if key not in warned:
-            warned.add(key)
-            log.warning(
-                "SEG: %s sees %d queries, which fit no token grid of this image (Deep Shrink, token merging?); "
-                "its queries are left unblurred",
-                layers.format_layers([key]),
-                n_tokens,
-            )
-
-    return on_skip
+skip_warner = query_hooks.skip_warner
 
 
 def _mark(function: Callable) -> Callable:

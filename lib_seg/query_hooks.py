@@ -13,16 +13,50 @@ SEG pass, whatever it raises.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .blur import blur_queries
-from .layers import LayerKey
+from .layers import LayerKey, format_layers
 
-SkipCallback = Callable[[LayerKey, int, tuple[int, int] | None], None]
+log = logging.getLogger("sd_webui_seg")
+
+SkipCallback = Callable[..., None]  # (key, n_tokens, grid=None)
+UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
+
+
+def ldm_unet(owner: Any) -> nn.Module | None:
+    """``owner.model.diffusion_model`` when it is an ldm-layout UNet (A1111's sd_model and Forge's
+    UnetPatcher both hold it there), else None (DiTs such as SD3, Flux, Chroma)."""
+    unet = getattr(getattr(owner, "model", None), "diffusion_model", None)
+    if isinstance(unet, nn.Module) and all(hasattr(unet, part) for part in UNET_PARTS):
+        return unet
+    return None
+
+
+def skip_warner() -> SkipCallback:
+    """A callback that warns once per layer whose queries fit no token grid (they stay unblurred)."""
+    warned: set[LayerKey] = set()
+
+    def on_skip(key: LayerKey, n_tokens: int, grid: tuple[int, int] | None = None) -> None:
+        if key in warned:
+            return
+        warned.add(key)
+        block = f" (its block's map is {grid[0]}x{grid[1]})" if grid else ""
+        log.warning(
+            "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile, token merging, "
+            "Deep Shrink?); its queries are left unblurred",
+            format_layers([key]),
+            n_tokens,
+            block,
+        )
+
+    return on_skip
 
 
 def spatial_transformer_name(key: LayerKey) -> str:

@@ -1,5 +1,6 @@
 """lib_seg.query_hooks on a random-weight UNet with the real ldm layout."""
 
+import logging
 import math
 import types
 
@@ -109,3 +110,26 @@ def test_unknown_layer_and_cleanup_on_error():
 def test_names():
     assert spatial_transformer_name(LayerKey("middle", 0, 3)) == "middle_block.1"
     assert attn1_name(LayerKey("output", 2, 1)) == "output_blocks.2.1.transformer_blocks.1.attn1"
+
+
+def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
+    from lib_seg.query_hooks import skip_warner
+
+    on_skip = skip_warner()
+    with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
+        on_skip(LayerKey("input", 1, 0), 32, (8, 8))
+        on_skip(LayerKey("input", 1, 0), 32, (8, 8))
+        on_skip(LayerKey("middle", 0, 0), 7)
+    assert caplog.text.count("d1.0 sees 32 queries") == 1 and "its block's map is 8x8" in caplog.text
+    assert caplog.text.count("m0.0 sees 7 queries") == 1 and caplog.text.count("left unblurred") == 2
+
+
+def test_ldm_unet_accepts_only_the_unet_layout():
+    from types import SimpleNamespace
+
+    from lib_seg.query_hooks import ldm_unet
+
+    unet = build_unet(TINY_SD1)
+    assert ldm_unet(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))) is unet
+    assert ldm_unet(SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))) is None
+    assert ldm_unet(SimpleNamespace()) is None
