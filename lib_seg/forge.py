@@ -8,10 +8,14 @@ the files are cited in ``tests/support/forge_host.py``; host modules are resolve
   and assigns the clone back, as the hosts' built-in PAG does.  Forge resets ``forge_objects`` per
   batch and between the two hires hook calls; we also drop any SEG function already on the patcher,
   so a host that does not reset still ends up with exactly one.
-* The post-CFG function runs one extra cond-only pass through the host's own batching function with
-  a per-call ``model_options`` copy whose ``patches_replace["attn1"]`` blurs the queries of the chosen
-  layers, and returns ``denoised + seg_scale * (cond_denoised - cond_seg)``.  It only needs the cond
-  prediction, so it works when CFG 1 skipped the uncond pass.  The patcher's dict is never mutated.
+* The post-CFG function needs ``cond_seg``, the conditional prediction with the queries of the chosen
+  layers blurred.  Batched (the default, :mod:`.forge_rows`): a ``model_function_wrapper`` appends
+  the SEG rows to the first UNet call of the step when the host's memory estimate allows, and the
+  post-CFG function replays those rows through the host's own batching.  Otherwise it runs one extra
+  cond-only pass through the host's batching with a per-call ``model_options`` copy whose
+  ``patches_replace["attn1"]`` blurs the queries.  Both give the same ``cond_seg``; the guided result
+  is ``denoised + seg_scale * (cond_denoised - cond_seg)``.  Only the cond prediction is needed, so it
+  works when CFG 1 skipped the uncond pass.  The patcher's dicts are never mutated.
 * Errors (bad settings, layers the model lacks) are raised from inside the post-CFG function: the
   hosts only log exceptions from script hooks, but one raised during sampling fails the request.
 
@@ -32,14 +36,14 @@ from typing import Any
 
 import torch
 
-from . import blur, forge_host, geometry, guidance, layers, query_hooks, schedule
+from . import forge_host, layers, query_hooks
+from .forge_pass import SEG_MARK, SegPass
+from .forge_patches import attn1_patch, blur_for_layer, sampling_progress, token_grid, with_attn1_replaces
 from .params import SegParams
 
-log = logging.getLogger("sd_webui_seg")
+__all__ = ["attn1_patch", "blur_for_layer", "patch_unet", "sampling_progress", "token_grid", "with_attn1_replaces"]
 
-SEG_MARK = "_sd_webui_seg_post_cfg"
-Patch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-SkipCallback = query_hooks.SkipCallback
+log = logging.getLogger("sd_webui_seg")
 
 
 def host_kind() -> str | None:
@@ -55,123 +59,12 @@ diffusion_model = query_hooks.ldm_unet
 available_layers = layers.unet_layers
 
 
-def with_attn1_replaces(model_options: Mapping, patches: Mapping[tuple, Patch]) -> dict:
-    """A copy of ``model_options`` with ``patches`` added to ``patches_replace["attn1"]``.
-
-    Copy-on-write along the path only (outer dict, transformer_options, patches_replace, attn1):
-    the patcher's own dicts, shared by every later step and pass, stay untouched.
-    """
-    options = dict(model_options)
-    transformer_options = dict(options.get("transformer_options") or {})
-    replaces = dict(transformer_options.get("patches_replace") or {})
-    replaces["attn1"] = {**(replaces.get("attn1") or {}), **patches}
-    transformer_options["patches_replace"] = replaces
-    options["transformer_options"] = transformer_options
-    return options
-
-
-def token_grid(n_tokens: int, extra_options: Mapping) -> tuple[int, int] | None:
-    """(h, w) of the tokens an attn1 patch sees, or None when no grid fits ``n_tokens``.
-
-    reForge passes the exact ``activations_shape`` entering the SpatialTransformer; classic and new
-    Forge only the latent's ``original_shape``, from which the UNet's ceil-halving chain is walked.
-    Token merging or Deep Shrink change the count, and then nothing matches.
-    """
-    shape = extra_options.get("activations_shape")
-    if shape is not None and len(shape) >= 2:
-        height, width = int(shape[-2]), int(shape[-1])
-        return (height, width) if height * width == n_tokens else None
-    original = extra_options.get("original_shape")
-    if original is None or len(original) < 2:
-        return None
-    return geometry.token_grid(n_tokens, int(original[-2]), int(original[-1]))
-
-
-def blur_for_layer(
-    q: torch.Tensor, sigma: float, extra_options: Mapping, key: layers.LayerKey, on_skip: SkipCallback
-) -> torch.Tensor:
-    """Blurred queries; infinite blur is the token mean and needs no grid, a finite one does."""
-    n_tokens = q.shape[1]
-    grid = token_grid(n_tokens, extra_options)
-    if grid is None and blur.is_infinite_sigma(sigma):
-        grid = (1, n_tokens)
-    if grid is None:
-        on_skip(key, n_tokens)
-        return q
-    return blur.blur_queries(q, grid[0], grid[1], sigma)
-
-
-def attn1_patch(kind: str, key: layers.LayerKey, sigma: float, on_skip: SkipCallback, inner: Patch | None = None):
-    """``patches_replace["attn1"]`` entry: blur q, then the attention (``inner`` patch or the host's)."""
-
-    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        q = blur_for_layer(q, sigma, extra_options, key, on_skip)
-        if inner is not None:
-            return inner(q, k, v, extra_options)
-        return forge_host.run_attention(kind, q, k, v, extra_options)
-
-    return patch
-
-
-def sampling_progress(denoiser: Any, transformer_options: Mapping, sigma: torch.Tensor) -> float | None:
-    """Progress of this denoiser call (see the module docstring), or None if the host tells nothing."""
-    step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
-        return schedule.progress(step, total)
-    sample_sigmas = transformer_options.get("sample_sigmas")
-    if sample_sigmas is not None:
-        return schedule.progress_from_sigma(float(sigma.flatten()[0]), sample_sigmas)
-    return None
-
-
 skip_warner = query_hooks.skip_warner
 
 
 def _mark(function: Callable) -> Callable:
     setattr(function, SEG_MARK, True)
     return function
-
-
-def seg_post_cfg(
-    kind: str,
-    keys: tuple[layers.LayerKey, ...],
-    seg_scale: float,
-    sigma: float,
-    window: tuple[float, float],
-    denoiser: Any,
-) -> Callable[[dict], torch.Tensor]:
-    """The post-CFG function: validated settings in a closure, attn1 patches built once here.
-
-    An attn1 replace already registered for a key (StyleAlign, Reference-only, SAG) is called with
-    the blurred queries instead of the host attention, so the SEG pass keeps that extension's effect
-    and the guidance holds only the blur.
-    """
-    on_skip = skip_warner()
-    patches = {tuple(key): attn1_patch(kind, key, sigma, on_skip) for key in keys}
-    start, end = window
-    whole_run = start <= 0.0 and end >= 1.0
-
-    def post_cfg(args: dict) -> torch.Tensor:
-        denoised = args["denoised"]
-        options = args["model_options"]
-        if not whole_run:
-            fraction = sampling_progress(denoiser, options.get("transformer_options") or {}, args["sigma"])
-            if fraction is None:
-                raise RuntimeError("SEG: this host does not tell the sampling progress; set start 0 and end 1")
-            if not schedule.in_window(fraction, start, end):
-                return denoised
-        existing = ((options.get("transformer_options") or {}).get("patches_replace") or {}).get("attn1") or {}
-        step_patches = {}
-        for key, patch in patches.items():
-            inner = existing.get(key) or existing.get(key[:2])
-            step_patches[key] = patch if inner is None else attn1_patch(kind, key, sigma, on_skip, inner)
-        seg_options = with_attn1_replaces(options, step_patches)
-        cond_seg = forge_host.cond_only_pass(
-            kind, args["model"], args["cond"], args["input"], args["sigma"], seg_options
-        )
-        return guidance.apply_seg(denoised, args["cond_denoised"], cond_seg, seg_scale)
-
-    return _mark(post_cfg)
 
 
 def raising_post_cfg(error: Exception) -> Callable[[dict], torch.Tensor]:
@@ -183,17 +76,41 @@ def raising_post_cfg(error: Exception) -> Callable[[dict], torch.Tensor]:
     return _mark(post_cfg)
 
 
+def seg_functions(seg: SegPass) -> tuple[Callable, Callable | None]:
+    """The post-CFG function and (when rows may be batched) the model-function wrapper of ``seg``."""
+
+    def post_cfg(args: dict) -> torch.Tensor:
+        return seg.post_cfg(args)
+
+    def model_function_wrapper(apply_model: Callable, args: Mapping) -> torch.Tensor:
+        return seg.model_wrapper(apply_model, args)
+
+    return _mark(post_cfg), (_mark(model_function_wrapper) if seg.batch_rows else None)
+
+
 def has_seg(patcher: Any) -> bool:
-    return any(getattr(f, SEG_MARK, False) for f in patcher.model_options.get("sampler_post_cfg_function", ()))
+    functions = patcher.model_options.get("sampler_post_cfg_function", ())
+    wrapper = patcher.model_options.get("model_function_wrapper")
+    return any(getattr(f, SEG_MARK, False) for f in (*functions, wrapper))
 
 
-def _install(p: Any, patcher: Any, post_cfg: Callable | None) -> None:
-    """Clone, drop earlier SEG functions, add ``post_cfg`` (if any), assign the clone back."""
+def _install(p: Any, patcher: Any, post_cfg: Callable | None, wrapper: Callable | None = None) -> None:
+    """Clone, drop earlier SEG functions, add ``post_cfg`` (if any), assign the clone back.
+
+    ``wrapper`` becomes the patcher's ``model_function_wrapper`` only when no other extension set
+    one (the hosts keep a single wrapper); without it every step makes the separate pass.
+    """
     clone = patcher.clone()
-    functions = clone.model_options.get("sampler_post_cfg_function", [])
-    clone.model_options["sampler_post_cfg_function"] = [f for f in functions if not getattr(f, SEG_MARK, False)]
+    options = clone.model_options
+    options["sampler_post_cfg_function"] = [
+        f for f in options.get("sampler_post_cfg_function", []) if not getattr(f, SEG_MARK, False)
+    ]
+    if getattr(options.get("model_function_wrapper"), SEG_MARK, False):
+        del options["model_function_wrapper"]
     if post_cfg is not None:
         clone.set_model_sampler_post_cfg_function(post_cfg)
+    if wrapper is not None and "model_function_wrapper" not in options:
+        clone.set_model_unet_function_wrapper(wrapper)
     p.sd_model.forge_objects.unet = clone
 
 
@@ -203,14 +120,15 @@ def _switch_off(p: Any, patcher: Any) -> None:
         _install(p, patcher, None)
 
 
-def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None) -> str | None:
+def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None, batch_rows: bool = True) -> str | None:
     """Install SEG for the coming sampling pass of ``p``; return the canonical layer text, or None.
 
     ``error``: install a post-CFG function that raises it, so the request fails with its message.
     SEG off for this pass (disabled, scale 0, hires mode off): nothing is installed.  A model
     without a UNet (Flux, Chroma, SD3) is left untouched with a warning.  Layers the UNet lacks are
     raised during sampling, with the list of layers it has.  Calling this again for the same pass
-    replaces, never stacks, the SEG function.
+    replaces, never stacks, the SEG function.  ``batch_rows``: let the SEG rows ride in the main UNet
+    call when the host's memory estimate allows (the setting "Run the SEG rows inside the main UNet call").
     """
     patcher = unet_patcher(p)
     if error is not None:
@@ -241,5 +159,6 @@ def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None)
         return None
     seg_scale, sigma = setting
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    _install(p, patcher, seg_post_cfg(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser))
+    seg = SegPass(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser, batch_rows)
+    _install(p, patcher, *seg_functions(seg))
     return text

@@ -108,3 +108,20 @@ def cond_only_pass(
     module = "backend.sampling.sampling_function" if kind == FORGE else "ldm_patched.modules.samplers"
     calc = _attribute((module,), "calc_cond_uncond_batch")
     return calc(model, cond, None, x, sigma, model_options)[0]
+
+
+def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.device) -> bool:
+    """Whether a UNet call of ``shape`` fits by the host's own estimate, with reForge's 1.5x margin.
+
+    ``model.memory_required(shape)`` (BaseModel / KModel) against the host's free-memory probe
+    (``backend.memory_management`` in new Forge, ``ldm_patched.modules.model_management`` otherwise),
+    which counts what ``--lowvram``/``--medvram`` and the GPU-weights slider left free.  Without
+    either function the answer is no, and SEG makes its separate pass.
+    """
+    _require(kind)
+    name = "backend.memory_management" if kind == FORGE else "ldm_patched.modules.model_management"
+    free_memory = getattr(_module(name), "get_free_memory", None)
+    required = getattr(model, "memory_required", None)
+    if free_memory is None or required is None:
+        return False
+    return required(list(shape)) * 1.5 < free_memory(device)

@@ -82,7 +82,8 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
             return
         forge = _forge()
         if forge is not None:
-            layer_text = forge.patch_unet(p, params, error)
+            batch_rows = bool(getattr(shared.opts, seg_ui.BATCH_ROWS_SETTING, True))
+            layer_text = forge.patch_unet(p, params, error, batch_rows)
             if layer_text is not None and not p.is_hr_pass:
                 p.extra_generation_params.update(infotext.to_infotext(params, layer_text))
             return

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_seg import forge, forge_host
+from lib_seg import forge, forge_host, geometry
 from lib_seg.layers import LayerKey, resolve_layers
 from lib_seg.params import SegParams
 from tests.support import forge_host as host
@@ -153,7 +153,7 @@ def test_only_the_seg_pass_is_patched(sd1, monkeypatch, kind):
     p = host.make_processing(kind, sd1)
     original = p.sd_model.forge_objects.unet
     original.set_model_sampler_post_cfg_function(spy(seg))
-    forge.patch_unet(p, SegParams(enabled=True, blur_sigma=3.0, layers="all"))
+    forge.patch_unet(p, SegParams(enabled=True, blur_sigma=3.0, layers="all"), batch_rows=False)
     patched = p.sd_model.forge_objects.unet
     assert patched is not original
     outs = sample(p, inputs, steps=2)
@@ -165,26 +165,28 @@ def test_only_the_seg_pass_is_patched(sd1, monkeypatch, kind):
     assert len(original.model_options["sampler_post_cfg_function"]) == 1  # only the spy
     assert patched.model_options["transformer_options"] == {}  # post-CFG never wrote into the patcher's dict
     calls = patched.model.calls
-    main = [c for c in calls if c["cond_or_uncond"] == [0, 1]]
+    main = [c for c in calls if c["cond_or_uncond"] == [1, 0]]  # the hosts batch in reverse order
     extra = [c for c in calls if c["cond_or_uncond"] == [0]]
     assert len(main) == len(extra) == 2 and len(calls) == 4
     assert all("patches_replace" not in c for c in main)
     assert all(set(c["patches_replace"]["attn1"]) == set(forge.available_layers(sd1)) for c in extra)
 
 
+@pytest.mark.parametrize("batch_rows", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cfg_1_skipped_uncond(sd1, monkeypatch, kind):
+def test_cfg_1_skipped_uncond(sd1, monkeypatch, kind, batch_rows):
     host.install(monkeypatch, kind)
     inputs = make_inputs(sd1.config)
     (baseline,) = sample(host.make_processing(kind, sd1), inputs, cond_scale=1.0)
     p = host.make_processing(kind, sd1)
     records = []
     p.sd_model.forge_objects.unet.set_model_sampler_post_cfg_function(spy(records))
-    forge.patch_unet(p, SegParams(enabled=True, blur_sigma=2.0))
+    forge.patch_unet(p, SegParams(enabled=True, blur_sigma=2.0), batch_rows=batch_rows)
     (out,) = sample(p, inputs, cond_scale=1.0)
     assert (records[0]["uncond"] is None) == (kind != "forge-classic")  # as each host passes it
     assert not torch.any(records[0]["uncond_denoised"])
-    assert [c["cond_or_uncond"] for c in p.sd_model.forge_objects.unet.model.calls] == [[0], [0]]
+    calls = [c["cond_or_uncond"] for c in p.sd_model.forge_objects.unet.model.calls]
+    assert calls == ([[0, 0]] if batch_rows else [[0], [0]])  # batched: the SEG chunk rides in the cond call
     torch.testing.assert_close(out, slow_expected(sd1, inputs, baseline, "middle", 2.0, 3.0), rtol=1e-4, atol=5e-5)
 
 
@@ -295,7 +297,7 @@ def test_reforge_uses_activations_shape_in_sampling(sd1, monkeypatch, kind):
     def no_chain_walk(*_):
         raise AssertionError("walked the ceil chain")
 
-    monkeypatch.setattr(forge.geometry, "token_grid", no_chain_walk)
+    monkeypatch.setattr(geometry, "token_grid", no_chain_walk)
     inputs = make_inputs(sd1.config)
     (baseline,) = sample(host.make_processing(kind, sd1), inputs)
     p = host.make_processing(kind, sd1)
@@ -444,9 +446,9 @@ def test_existing_attn1_replace_is_called_with_blurred_queries(sd1, monkeypatch,
     p.sd_model.forge_objects.unet.set_model_attn1_replace(other_extension, "middle", 0)
     forge.patch_unet(p, SegParams(enabled=True, blur_sigma=2.0, layers="m0"))
     sample(p, inputs)
-    (main_roles, q_main), (seg_roles, q_seg) = received
-    assert (main_roles, seg_roles) == ([0, 1], [0])
-    torch.testing.assert_close(q_seg, reference_blur(q_main[:2], 4, 3, 2.0).float(), rtol=1e-5, atol=1e-6)
+    (main_roles, q_main), (seg_roles, q_seg) = received  # another attn1 replace: never batched
+    assert (main_roles, seg_roles) == ([1, 0], [0])
+    torch.testing.assert_close(q_seg, reference_blur(q_main[2:], 4, 3, 2.0).float(), rtol=1e-5, atol=1e-6)
     assert set(p.sd_model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]["attn1"]) == {
         ("middle", 0)
     }

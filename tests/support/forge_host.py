@@ -42,23 +42,50 @@ import torch
 from .unet import UNetModel, attention
 
 KINDS = ("forge", "reforge", "forge-classic")
+MEMORY_MODULE = {
+    "forge": "backend.memory_management",
+    "reforge": "ldm_patched.modules.model_management",
+    "forge-classic": "ldm_patched.modules.model_management",
+}
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    """``get_free_memory``: bytes free on ``dev``; tests set ``get_free_memory.free`` to force splits."""
+    return get_free_memory.free
+
+
+get_free_memory.free = 2**40
 
 
 class BaseModel:
     """``model_base.BaseModel`` / ``backend.modules.k_model.KModel``: x0 from an eps UNet."""
 
-    def __init__(self, unet: UNetModel, attn_precision: torch.dtype | None = None):
+    def __init__(self, unet: UNetModel, attn_precision: torch.dtype | None = None, activations_shape: bool = True):
         self.diffusion_model = unet
         self.attn_precision = attn_precision
+        self.activations_shape = activations_shape  # reForge's blocks report it, classic/new Forge's do not
         self.calls: list[dict] = []
+        self.rows: list[int] = []
 
-    def apply_model(self, x, t, c_crossattn=None, y=None, transformer_options=None, **_):
+    def apply_model(self, x, t, c_crossattn=None, y=None, control=None, transformer_options=None, **_):
         self.calls.append(transformer_options)
+        self.rows.append(x.shape[0])
+        if not self.activations_shape:
+            transformer_options = _without_activations_shape(transformer_options)
         sigma = t[:, None, None, None]
         eps = self.diffusion_model(
-            x / (sigma**2 + 1.0) ** 0.5, t.log() * 100.0, c_crossattn, y, transformer_options=transformer_options
+            x / (sigma**2 + 1.0) ** 0.5,
+            t.log() * 100.0,
+            c_crossattn,
+            y,
+            control=control,
+            transformer_options=transformer_options,
         )
         return x - eps * sigma
+
+    def memory_required(self, input_shape):
+        """Bytes for a call of ``input_shape`` (the hosts scale an area estimate; here 1 MiB per row)."""
+        return input_shape[0] * 2**20
 
 
 class UnetPatcher:
@@ -76,6 +103,9 @@ class UnetPatcher:
         self.model_options["sampler_post_cfg_function"] = [*functions, post_cfg_function]  # a new list, as hosts do
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
 
     def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
         options = self.model_options["transformer_options"]
@@ -101,33 +131,71 @@ def _pass_options(kind: str, model: BaseModel, model_options: dict, cond_or_unco
     options["cond_mark"] = torch.tensor(cond_or_uncond, dtype=torch.float32)
     options["cond_indices"] = [i for i, c in enumerate(cond_or_uncond) if c == 0]
     options["uncond_indices"] = [i for i, c in enumerate(cond_or_uncond) if c == 1]
-    replaces = options.get("patches_replace", {})
-    if "attn1" in replaces:
-        attn1 = {key: _hide_activations_shape(patch) for key, patch in replaces["attn1"].items()}
-        options["patches_replace"] = {**replaces, "attn1": attn1}
     return options
 
 
+def _without_activations_shape(options: dict | None) -> dict | None:
+    """Classic/new Forge blocks do not pass ``activations_shape``: hide it from every attn1 patch of
+    the call, however the call's options were built (host batching or a model-function wrapper)."""
+    replaces = (options or {}).get("patches_replace", {})
+    if "attn1" not in replaces:
+        return options
+    attn1 = {key: _hide_activations_shape(patch) for key, patch in replaces["attn1"].items()}
+    return {**options, "patches_replace": {**replaces, "attn1": attn1}}
+
+
+def _area_and_mult(entry: dict, x_in: torch.Tensor):
+    """``get_area_and_mult``: the entry's crop of x (``area`` = (h, w, y, x) in latent pixels) and its
+    weight ``strength`` (edge feathering of partial areas is left out)."""
+    height, width, top, left = entry.get("area", (x_in.shape[2], x_in.shape[3], 0, 0))
+    crop = (slice(None), slice(None), slice(top, top + height), slice(left, left + width))
+    x = x_in[crop]
+    return x, crop, torch.ones_like(x) * entry.get("strength", 1.0)
+
+
 def _calc(kind: str, model: BaseModel, conds: list, x_in, timestep, model_options) -> list[torch.Tensor]:
-    """Run every entry of every non-None cond list in one UNet call (the hosts batch when they can)."""
+    """The hosts' batching loop: entries of equal crop size share a call, taken in reverse order, as
+    many as ``model.memory_required(shape) (* 1.5 on reForge) < get_free_memory(device)`` allows;
+    ``model_function_wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})`` when set."""
     outs = [torch.zeros_like(x_in) for _ in conds]
     counts = [torch.ones_like(x_in) * 1e-37 for _ in conds]
     to_run = [(index, entry) for index, entries in enumerate(conds) if entries is not None for entry in entries]
-    if not to_run:
-        return outs
-    rows = x_in.shape[0]
-    cond_or_uncond = [index for index, _ in to_run]
-    model_conds = [entry["model_conds"] for _, entry in to_run]
-    c = {"c_crossattn": torch.cat([m["c_crossattn"] for m in model_conds])}
-    if "y" in model_conds[0]:
-        c["y"] = torch.cat([m["y"] for m in model_conds])
-    c["transformer_options"] = _pass_options(kind, model, model_options, cond_or_uncond, timestep)
-    x = torch.cat([x_in] * len(to_run))
-    output = model.apply_model(x, torch.cat([timestep] * len(to_run)), **c)
-    for chunk, (index, entry) in enumerate(to_run):
-        strength = entry.get("strength", 1.0)
-        outs[index] += output[chunk * rows : (chunk + 1) * rows] * strength
-        counts[index] += strength
+    while to_run:
+        first_shape = _area_and_mult(to_run[0][1], x_in)[0].shape
+        same = [i for i, (_, entry) in enumerate(to_run) if _area_and_mult(entry, x_in)[0].shape == first_shape]
+        same.reverse()
+        chosen = same[:1]
+        free = sys.modules[MEMORY_MODULE[kind]].get_free_memory(x_in.device)
+        for i in range(1, len(same) + 1):
+            amount = same[: len(same) // i]
+            required = model.memory_required([len(amount) * first_shape[0], *first_shape[1:]])
+            if required * (1.5 if kind == "reforge" else 1.0) < free:
+                chosen = amount
+                break
+        batch = [to_run[i] for i in chosen]
+        to_run = [item for i, item in enumerate(to_run) if i not in chosen]
+        cond_or_uncond = [index for index, _ in batch]
+        crops = [_area_and_mult(entry, x_in) for _, entry in batch]
+        model_conds = [entry["model_conds"] for _, entry in batch]
+        c = {"c_crossattn": torch.cat([m["c_crossattn"] for m in model_conds])}
+        if "y" in model_conds[0]:
+            c["y"] = torch.cat([m["y"] for m in model_conds])
+        c["transformer_options"] = _pass_options(kind, model, model_options, cond_or_uncond, timestep)
+        x = torch.cat([crop[0] for crop in crops])
+        t = torch.cat([timestep] * len(batch))
+        control = batch[0][1].get("control")
+        if control is not None:
+            c["control"] = control.get_control(x, t, c, len(cond_or_uncond))
+        wrapper = model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            args = {"input": x, "timestep": t, "c": c, "cond_or_uncond": cond_or_uncond}
+            output = wrapper(model.apply_model, args).chunk(len(batch))
+        else:
+            output = model.apply_model(x, t, **c).chunk(len(batch))
+        for chunk, (index, _) in enumerate(batch):
+            _, crop, mult = crops[chunk]
+            outs[index][crop] += output[chunk] * mult
+            counts[index][crop] += mult
     return [out / count for out, count in zip(outs, counts, strict=True)]
 
 
@@ -223,6 +291,7 @@ def host_modules(kind: str) -> dict[str, types.ModuleType]:
                 "backend.nn.unet": {"attention_function": forge_attention_function},
                 "backend.attention": {"attention_function": forge_attention_function},
                 "backend.patcher.unet": {"UnetPatcher": UnetPatcher},
+                "backend.memory_management": {"get_free_memory": get_free_memory},
             }
         )
         return {**made, sampling.__name__: sampling}
@@ -241,6 +310,7 @@ def host_modules(kind: str) -> dict[str, types.ModuleType]:
             "ldm_patched.ldm.modules.attention": attention_module,
             "modules_forge": {},
             "modules_forge.unet_patcher": {"UnetPatcher": UnetPatcher},
+            "ldm_patched.modules.model_management": {"get_free_memory": get_free_memory},
         }
     )
     if kind == "reforge":
@@ -255,10 +325,27 @@ def install(monkeypatch, kind: str) -> dict[str, types.ModuleType]:
     for name in list(sys.modules):
         if name.split(".")[0] in ("backend", "ldm_patched", "modules_forge"):
             monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(get_free_memory, "free", 2**40)
     modules = host_modules(kind)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return modules
+
+
+class Control:
+    """A ControlNet as the hosts' batching uses it: ``get_control(x, t, c, n_chunks)`` returns
+    residuals per UNet part for every row of the call (here: middle block, one value per row and
+    channel, depending on that row's latent and sigma)."""
+
+    def __init__(self, channels: int, seed: int = 5):
+        self.weight = torch.randn(channels, generator=torch.Generator().manual_seed(seed))
+        self.calls: list[int] = []
+
+    def get_control(self, x, t, c, n_chunks):
+        self.calls.append(x.shape[0])
+        per_row = x.flatten(1).mean(1) + t.log()
+        residual = (per_row[:, None] * self.weight.to(x)).reshape(x.shape[0], -1, 1, 1)
+        return {"input": [], "middle": [residual], "output": []}
 
 
 @dataclass
@@ -314,7 +401,7 @@ class Processing:
 
 
 def make_processing(kind: str, unet: UNetModel, attn_precision=None) -> Processing:
-    patcher = UnetPatcher(BaseModel(unet, attn_precision))
+    patcher = UnetPatcher(BaseModel(unet, attn_precision, activations_shape=kind == "reforge"))
     objects = ForgeObjects(patcher)
     p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
     p.sampler = Sampler(CFGDenoiser(kind, p))

@@ -15,7 +15,9 @@ Two calling conventions, as the hosts have them:
   ``(block_name, block_id)`` is called as ``patch(q, k, v, extra_options)`` with q/k/v already
   projected, and the block applies ``attn1.to_out`` to its result.  ``extra_options`` carries
   ``n_heads``, ``dim_head``, ``block``, ``block_index``, ``transformer_index``, ``original_shape``,
-  and, as reForge does, ``activations_shape``.
+  and, as reForge does, ``activations_shape``.  ``control`` (ControlNet residuals, a dict of lists)
+  is applied as ``ldm_patched``'s ``apply_control``: after each input block, after the middle block
+  and to each skip taken by an output block, popping from the end of the list.
 The sizes are configurable, so the same tree builds full SD1.5 and SDXL UNets for benchmarks.
 """
 
@@ -271,7 +273,7 @@ class UNetModel(nn.Module):
             nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
         )
 
-    def forward(self, x, timesteps, context, y=None, transformer_options: dict | None = None):
+    def forward(self, x, timesteps, context, y=None, control=None, transformer_options: dict | None = None):
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)
         if self.config.adm_in_channels:
@@ -282,15 +284,23 @@ class UNetModel(nn.Module):
         skips = []
         h = x
         for block_id, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, _at(options, ("input", block_id)))
+            h = _apply_control(block(h, emb, context, _at(options, ("input", block_id))), control, "input")
             skips.append(h)
-        h = self.middle_block(h, emb, context, _at(options, ("middle", 0)))
+        h = _apply_control(self.middle_block(h, emb, context, _at(options, ("middle", 0))), control, "middle")
         for block_id, block in enumerate(self.output_blocks):
-            skip = skips.pop()
+            skip = _apply_control(skips.pop(), control, "output")
             if h.shape[-2:] != skip.shape[-2:]:
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb, context, _at(options, ("output", block_id)))
         return self.out(h)
+
+
+def _apply_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
+    """ldm_patched ``apply_control``: pop the last residual of ``control[name]``, add it unless None."""
+    if not control or not control.get(name):
+        return h
+    residual = control[name].pop()
+    return h if residual is None else h + residual
 
 
 def _at(options: dict | None, block: tuple[str, int]) -> dict | None:

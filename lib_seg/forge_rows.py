@@ -1,0 +1,156 @@
+"""SEG rows inside the Forge-family hosts' main UNet call, and replaying them through the host's batching.
+
+The hosts (classic Forge, new Forge, reForge) run every UNet call of a step through
+``model_options["model_function_wrapper"](apply_model, {"input", "timestep", "c", "cond_or_uncond"})``
+when one is set: ``input`` holds ``len(cond_or_uncond)`` chunks of equal size, and a chunk flagged 0
+is a cond chunk (new/classic: ``COND = 0``; reForge: index 0 of ``conds``, which is the cond list).
+The wrapper must return one output row per input row.
+
+Batched step: the wrapper appends one copy of every cond chunk to the call (inputs, sigma, every
+per-row conditioning tensor, ControlNet residuals) and marks the appended rows in the call's
+``transformer_options`` (:data:`SEG_ROWS`) so the attn1 patches blur only those; it returns the main
+rows to the host and keeps the SEG rows.
+
+Replay: the post-CFG function does not average the kept rows itself.  It calls the host's own
+cond-only batching again with a wrapper that hands back the kept rows instead of running the UNet,
+so area conds, masks, AND strengths and the ``1e-37`` count are applied by the host, exactly as in
+the separate SEG pass.  If that replay asks for other chunks than the ones kept (the host split the
+main call, a cond was skipped), :class:`ReplayMismatch` is raised and the caller makes the separate
+pass instead.
+
+What blocks batching (the caller then makes the separate pass, which is always exact):
+conditioning keys we do not know how to copy, tensors whose rows we cannot tell, and attention-level
+patches of other extensions (they see ``cond_or_uncond`` and may mix rows, e.g. StyleAlign).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+SEG_ROWS = "sd_webui_seg_rows"  # transformer_options key: (start, stop) of the SEG rows of this call
+COND = 0
+CONDITIONING_KEYS = frozenset(
+    {"c_crossattn", "c_concat", "y", "c_adm", "transformer_options", "control", "control_model"}
+)
+ROW_PATCH_KINDS = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")
+
+
+class ReplayMismatch(RuntimeError):
+    """The host's replay asked for chunks the main call did not keep SEG rows for."""
+
+
+@dataclass(frozen=True)
+class KeptRows:
+    """The SEG rows of one main call: its denoiser step, the cond-chunk shape and the outputs."""
+
+    step: tuple
+    chunk_shape: torch.Size
+    outputs: torch.Tensor  # n cond chunks stacked, in the order they had in the main call
+
+
+def cond_chunks(cond_or_uncond: Sequence[int]) -> list[int]:
+    return [index for index, flag in enumerate(cond_or_uncond) if flag == COND]
+
+
+def with_chunks(t: torch.Tensor, chunks: Sequence[int], chunk_rows: int) -> torch.Tensor:
+    """``t`` with copies of its ``chunks`` (each ``chunk_rows`` rows) appended."""
+    return torch.cat([t, *(t[i * chunk_rows : (i + 1) * chunk_rows] for i in chunks)])
+
+
+def _rows_copy(value: object, chunks: Sequence[int], chunk_rows: int, rows: int) -> tuple[bool, object]:
+    """(ok, value with SEG rows) for a per-row tensor, a broadcast (1-row) tensor, None or lists/dicts of them."""
+    if value is None:
+        return True, None
+    if torch.is_tensor(value):
+        if value.dim() > 0 and value.shape[0] == rows:
+            return True, with_chunks(value, chunks, chunk_rows)
+        return (value.dim() > 0 and value.shape[0] == 1), value
+    if isinstance(value, list | tuple):
+        copies = [_rows_copy(item, chunks, chunk_rows, rows) for item in value]
+        return all(ok for ok, _ in copies), type(value)(item for _, item in copies)
+    if isinstance(value, Mapping):
+        copies = {key: _rows_copy(item, chunks, chunk_rows, rows) for key, item in value.items()}
+        return all(ok for ok, _ in copies.values()), {key: item for key, (_, item) in copies.items()}
+    return False, value
+
+
+def attention_patched(transformer_options: Mapping) -> bool:
+    """Whether another extension patches attention (replaces, or per-row attention patches)."""
+    replaces = transformer_options.get("patches_replace") or {}
+    patches = transformer_options.get("patches") or {}
+    return any(bool(v) for v in replaces.values()) or any(patches.get(kind) for kind in ROW_PATCH_KINDS)
+
+
+def _flags_options(options: dict, flags: list[int], chunks: list[int], sigmas: object) -> None:
+    """Refresh the per-call row bookkeeping the hosts keep in transformer_options for the appended chunks."""
+    flags = flags + [COND] * len(chunks)
+    options["cond_or_uncond"] = flags
+    if "uuids" in options:  # reForge: one uuid per chunk
+        options["uuids"] = [*options["uuids"], *(options["uuids"][i] for i in chunks)]
+    per_chunk = int(sigmas.shape[0]) if torch.is_tensor(sigmas) and sigmas.dim() == 1 else None
+    if per_chunk is None:
+        return
+    if "cond_mark" in options:  # classic/new Forge: one 0/1 flag per row
+        options["cond_mark"] = torch.tensor([f for f in flags for _ in range(per_chunk)]).to(sigmas)
+    if "cond_indices" in options or "uncond_indices" in options:
+        rows = [(f, i * per_chunk + r) for i, f in enumerate(flags) for r in range(per_chunk)]
+        options["cond_indices"] = [row for f, row in rows if f == COND]
+        options["uncond_indices"] = [row for f, row in rows if f != COND]
+
+
+@dataclass(frozen=True)
+class BatchedCall:
+    input: torch.Tensor
+    timestep: torch.Tensor
+    c: dict
+    main_rows: int
+
+
+def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> BatchedCall | None:
+    """The main call with one SEG chunk per cond chunk appended, or None when it cannot be batched."""
+    x, timestep, c, flags = args["input"], args["timestep"], args["c"], list(args["cond_or_uncond"])
+    chunks = cond_chunks(flags)
+    if not chunks or not set(c) <= CONDITIONING_KEYS or x.shape[0] % len(flags):
+        return None
+    options = dict(c.get("transformer_options") or {})
+    if attention_patched(options):
+        return None
+    rows, chunk_rows = x.shape[0], x.shape[0] // len(flags)
+    expanded = {}
+    for key, value in c.items():
+        if key in ("transformer_options", "control_model"):
+            expanded[key] = value
+            continue
+        ok, expanded[key] = _rows_copy(value, chunks, chunk_rows, rows)
+        if not ok:
+            return None
+    _flags_options(options, flags, chunks, options.get("sigmas"))
+    replaces = dict(options.get("patches_replace") or {})
+    replaces["attn1"] = dict(attn1_patches)
+    options["patches_replace"] = replaces
+    options[SEG_ROWS] = (rows, rows + len(chunks) * chunk_rows)
+    expanded["transformer_options"] = options
+    return BatchedCall(with_chunks(x, chunks, chunk_rows), with_chunks(timestep, chunks, chunk_rows), expanded, rows)
+
+
+def replay_wrapper(kept: KeptRows) -> Callable:
+    """A ``model_function_wrapper`` that answers the host's cond-only batching with the kept SEG rows."""
+    served = []
+
+    def wrapper(_apply_model: Callable, args: Mapping) -> torch.Tensor:
+        flags = list(args["cond_or_uncond"])
+        n_chunks = kept.outputs.shape[0] // kept.chunk_shape[0]
+        fits = not served and flags == [COND] * n_chunks
+        if (
+            not fits
+            or args["input"].shape[0] != kept.outputs.shape[0]
+            or args["input"].shape[1:] != kept.chunk_shape[1:]
+        ):
+            raise ReplayMismatch(f"the host asked for chunks {flags} of {tuple(args['input'].shape)}")
+        served.append(True)
+        return kept.outputs
+
+    return wrapper
