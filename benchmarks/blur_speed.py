@@ -1,9 +1,11 @@
-"""Time SEG's query blur: our separable operator blur vs the official dense 2D depthwise conv.
+"""Time SEG's query blur: our operator blur vs the official dense 2D depthwise conv.
 
     python benchmarks/blur_speed.py                 # CPU, the sizes of the core issue
     python benchmarks/blur_speed.py --device cuda --dtype float16
 
-Not a test: prints median milliseconds per call for each map size.
+Not a test: prints median milliseconds per call for each map size.  "ours" is what
+``blur_queries`` picks; "axis" forces the two axis products, "grid" the single N x N product
+(``lib_seg.blur.use_grid_operator`` chooses between them).
 """
 
 from __future__ import annotations
@@ -21,7 +23,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib_seg import blur
 from lib_seg.blur import blur_queries, gaussian_kernel_1d, kernel_size
+
+
+def forced(grid: bool):
+    """``blur_queries`` with the grid-operator choice fixed."""
+
+    def run(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+        original = blur.use_grid_operator
+        blur.use_grid_operator = lambda *_: grid
+        try:
+            return blur_queries(q, height, width, sigma)
+        finally:
+            blur.use_grid_operator = original
+
+    return run
 
 
 def dense_conv_blur(q: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
@@ -47,16 +64,18 @@ def separable_conv_blur(q: torch.Tensor, height: int, width: int, sigma: float) 
     return img.reshape(batch, channels, -1).transpose(1, 2)
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
+def median_ms(fn, repeats: int, device: torch.device, calls: int = 10) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls (as a step issues them)."""
     times = []
     for _ in range(repeats + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+        times.append((time.perf_counter() - start) * 1000 / calls)
     return statistics.median(times[2:])
 
 
@@ -76,19 +95,24 @@ def main() -> None:
         f"torch={torch.__version__} threads={torch.get_num_threads()}"
     )
     print(
-        f"{'map':>7} {'ours (operator) ms':>19} {'separable conv ms':>18} {'dense 2D conv ms':>17} {'dense/ours':>10}"
+        f"{'map':>7} {'ours ms':>8} {'axis ms':>8} {'grid ms':>8} {'separable conv ms':>18} "
+        f"{'dense 2D conv ms':>17} {'dense/ours':>10}"
     )
     for side in map(int, args.sides.split(",")):
         q = torch.randn(args.batch, side * side, args.channels, device=device, dtype=dtype)
-        ours, sep, dense = (
-            median_ms(partial(fn, q, side, side, args.sigma), args.repeats, device)
-            for fn in (blur_queries, separable_conv_blur, dense_conv_blur)
+        functions = [blur_queries, forced(False), forced(True), separable_conv_blur, dense_conv_blur]
+        if side * side > 4096:  # the N x N operator would not fit a sensible cache
+            functions[2] = None
+        ours, axis, grid, sep, dense = (
+            median_ms(partial(fn, q, side, side, args.sigma), args.repeats, device) if fn else math.nan
+            for fn in functions
         )
         ref = dense_conv_blur(q.double(), side, side, args.sigma)
         err = float((blur_queries(q, side, side, args.sigma).double() - ref).norm() / ref.norm())
         assert math.isfinite(err) and err < 1e-2, err
         print(
-            f"{side:>3}x{side:<3} {ours:>19.3f} {sep:>18.3f} {dense:>17.3f} {dense / ours:>9.1f}x   rel.err {err:.1e}"
+            f"{side:>3}x{side:<3} {ours:>8.3f} {axis:>8.3f} {grid:>8.3f} {sep:>18.3f} {dense:>17.3f} "
+            f"{dense / ours:>9.1f}x   rel.err {err:.1e}"
         )
 
 

@@ -10,7 +10,9 @@ is the v1.10.1 imitation in tests/support/a1111_host.py; the SEG code under test
 * ``cfg``      - SEG off (attached but disabled: also checks bit-identity with no extension);
 * ``separate`` - one extra UNet call on the cond rows per step;
 * ``batched``  - the SEG rows inside the main call;
-* ``prefix``   - batched, with the blocks before the first blurred layer computed once.
+* ``prefix``   - batched, with the blocks before the first blurred layer computed once;
+* ``noblur``   - ``prefix`` with the finite-sigma blur replaced by the identity (finite sigma only):
+  ``(prefix - noblur) / prefix`` is the blur's share of the real step, overlap included.
 
 Each mode is timed over whole denoiser calls (one sampling step) with CUDA events: warm-up, then the
 median of ``--repeats``.  Ratios are step time over the ``cfg`` step measured in the same run.
@@ -31,7 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib_seg import a1111  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
+
+from lib_seg import a1111, query_hooks  # noqa: E402
 from lib_seg.blur import blur_queries  # noqa: E402
 from lib_seg.params import SegParams  # noqa: E402
 from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel  # noqa: E402
@@ -70,11 +74,22 @@ def make_inputs(model: FakeSDModel, batch: int, side: int, device, dtype) -> dic
     )
 
 
+@contextmanager
+def no_blur():
+    """The hooks still run and copy rows; only the blur itself is skipped."""
+    original = query_hooks.blur_queries
+    query_hooks.blur_queries = lambda q, height, width, sigma: q
+    try:
+        yield
+    finally:
+        query_hooks.blur_queries = original
+
+
 def seg_run(mode: str, layers: str, sigma: float) -> a1111.SegRun:
     if mode == "cfg":
         return a1111.SegRun(SegParams())
     params = SegParams(enabled=True, layers=layers, blur_sigma=sigma)
-    return a1111.SegRun(params, batch_rows=mode != "separate", prefix_reuse=mode == "prefix")
+    return a1111.SegRun(params, batch_rows=mode != "separate", prefix_reuse=mode in ("prefix", "noblur"))
 
 
 class Timer:
@@ -167,7 +182,7 @@ def main() -> None:
     print(header, flush=True)
     rows = [
         "| model | size | batch | layers | sigma | CFG ms | separate | batched | batched+prefix | "
-        "blur % of step | peak MiB CFG / sep / batched / prefix | off bit-identical | "
+        "blur % of step (alone / in step) | peak MiB CFG / sep / batched / prefix | off bit-identical | "
         "‖prefix − separate‖ / ‖SEG effect‖ |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -187,31 +202,34 @@ def main() -> None:
         for layers in args.layers.split(","):
             for sigma_text in args.sigmas.split(","):
                 sigma = math.inf if sigma_text == "inf" else float(sigma_text)
-                times, peaks, outs = {mode: [] for mode in MODES}, {}, {}
+                modes = MODES if math.isinf(sigma) else (*MODES, "noblur")
+                times, peaks, outs = {mode: [] for mode in modes}, {}, {}
                 denoisers = {}
-                for mode in MODES:
+                for mode in modes:
                     denoisers[mode] = CFGDenoiser(model, callbacks=[a1111.on_cfg_denoiser])
                     denoisers[mode].total_steps = 10**9
                     a1111.attach(denoisers[mode], seg_run(mode, layers, sigma))
                 with torch.no_grad():
-                    for mode in MODES:  # peak memory, one mode at a time
+                    for mode in modes:  # warm-up and peak memory, one mode at a time
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                             torch.cuda.reset_peak_memory_stats()
-                        _, outs[mode] = time_steps(denoisers[mode], inputs, args.warmup, 1)
+                        with no_blur() if mode == "noblur" else nullcontext():
+                            _, outs[mode] = time_steps(denoisers[mode], inputs, args.warmup, 1)
                         peaks[mode] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
                     for _ in range(args.repeats):  # modes interleaved, so clock drift hits all alike
-                        for mode in MODES:
-                            times[mode].append(time_steps(denoisers[mode], inputs, 0, 1)[0])
-                for mode in MODES:
+                        for mode in modes:
+                            with no_blur() if mode == "noblur" else nullcontext():
+                                times[mode].append(time_steps(denoisers[mode], inputs, 0, 1)[0])
+                for mode in modes:
                     times[mode] = statistics.median(times[mode])
                     a1111.detach(denoisers[mode])
                 base = times["cfg"]
-                share = (
-                    "-"
-                    if math.isinf(sigma)
-                    else f"{100 * blur_ms(model, inputs, layers, sigma, 20) / times['prefix']:.2f}"
-                )
+                share = "-"
+                if not math.isinf(sigma):
+                    alone = 100 * blur_ms(model, inputs, layers, sigma, 20) / times["prefix"]
+                    in_step = 100 * (times["prefix"] - times["noblur"]) / times["prefix"]
+                    share = f"{alone:.2f} / {in_step:.2f}"
                 identical = torch.equal(outs["cfg"], plain_out)
                 effect = (outs["separate"].float() - outs["cfg"].float()).norm()
                 err = float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)

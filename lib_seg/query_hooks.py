@@ -86,9 +86,8 @@ def _blur_output(key: LayerKey, grid: dict, sigma: float, rows: slice | None, on
             return None
         if rows is None:
             return blur_queries(q, height, width, sigma)
-        out = q.clone()
-        out[rows] = blur_queries(q[rows], height, width, sigma)
-        return out
+        q[rows] = blur_queries(q[rows], height, width, sigma)  # q is to_q's fresh output: write in place
+        return q
 
     return hook
 

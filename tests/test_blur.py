@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib_seg import blur
 from lib_seg.blur import blur_operator, blur_queries, is_infinite_sigma, kernel_size
 
 SIGMAS = [0.3, 1.0, 2.5, 5.4, 10.0, 100.0, 9999.0, 10000.0, 1e7, math.inf]
@@ -175,3 +176,21 @@ def test_input_is_not_modified():
     blur_queries(q, 8, 8, math.inf)
     blur_queries(q, 8, 8, 2.0)
     assert torch.equal(q, before)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 2.5, 10.0])
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (5, 8), (17, 9), (32, 32)])
+def test_grid_operator_path_matches_reference(monkeypatch, height, width, sigma):
+    """The one-product path GPUs take for small grids, forced on the CPU."""
+    monkeypatch.setattr(blur, "use_grid_operator", lambda q, h, w: True)
+    q = torch.randn(2, height * width, 6, generator=torch.Generator().manual_seed(3))
+    expected = reference_blur(q.double(), height, width, sigma)
+    torch.testing.assert_close(blur_queries(q, height, width, sigma).double(), expected, rtol=1e-6, atol=1e-6)
+    operator = blur.grid_operator(height, width, sigma, dtype=torch.float64)
+    torch.testing.assert_close(operator @ q.double(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grid_operator_only_for_small_grids_off_the_cpu():
+    assert not blur.use_grid_operator(torch.zeros(1, 1024, 4), 32, 32)
+    meta = torch.zeros(1, 1024, 4, device="meta")
+    assert blur.use_grid_operator(meta, 32, 32) and not blur.use_grid_operator(meta, 32, 33)

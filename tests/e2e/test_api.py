@@ -162,3 +162,20 @@ def test_seg_alone_and_prompts_and_unequal_lengths(api, changes):
     seg = txt2img(api, [{"end": 0.7}], **changes)
     assert not same(plain["images"][0], seg["images"][0])
     assert "SEG end: 0.7" in json.loads(seg["info"])["infotexts"][0]
+
+
+def mean_difference(a: str, b: str) -> float:
+    diff = ImageChops.difference(pixels(a), pixels(b))
+    return sum(diff.getdata(band=0)) / (diff.width * diff.height)
+
+
+def test_batched_rows_and_separate_pass_agree(api, baseline):
+    """The setting "Run the SEG rows inside the main UNet call" changes the speed, not the image (up to
+    float rounding of a different batch size)."""
+    images = {}
+    for batched in (True, False):
+        settings = {"override_settings": {"seg_batch_rows": batched}, "override_settings_restore_afterwards": True}
+        images[batched] = txt2img(api, [{"scale": 10, "blur_sigma": 2.0, "layers": "all"}], **settings)["images"][0]
+    effect = mean_difference(images[False], baseline["images"][0])
+    assert effect > 0.05
+    assert mean_difference(images[True], images[False]) < effect / 20
