@@ -5,7 +5,9 @@
 For float32 (TF32 off) and float16 it prints, for the real SDXL and SD1.5 architectures with random
 weights: the SEG effect ‖separate − cfg‖, the host's own batch-size noise ‖cfg − cfg with cond/uncond
 in separate calls‖, and ‖batched − separate‖, ‖prefix − separate‖ relative to both.  Equality to
-rounding means the last two are of the order of that noise, far below the effect.
+rounding means the last two are of the order of that noise, far below the effect.  The second table does
+the same for the Forge-family adapter (new-Forge host imitation; its noise floor: cond and uncond in
+separate calls because the host's memory estimate says so).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import forge_step
 from benchmarks.seg_step import build_model, make_inputs, seg_run
 from lib_seg import a1111
+from tests.support import forge_host as host
 from tests.support.a1111_host import CFGDenoiser
 
 
@@ -29,6 +33,39 @@ def output(model, inputs, mode: str, layers: str, batch_cond_uncond: bool = True
         out = denoiser(**inputs).double()
     a1111.detach(denoiser)
     return out
+
+
+def forge_output(unet, inputs, mode: str, layers: str, split: bool = False) -> torch.Tensor:
+    rows = inputs[0].shape[0]
+    host.get_free_memory.free = int(1.5 * rows * 2**20) if split else 2**40  # one chunk per call if split
+    p = forge_step.processing(unet, mode, layers, 10.0)
+    with torch.no_grad():
+        out = forge_step.step_ms(p, inputs)[1].double()
+    host.get_free_memory.free = 2**40
+    return out
+
+
+def forge_table(device: torch.device) -> None:
+    sys.modules.update(host.host_modules(forge_step.KIND))
+    print("\n| model | dtype | layers | ‖effect‖ | noise floor | Forge batched−separate | (÷ effect) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, side in (("sdxl", 1024), ("sd15", 512)):
+        for dtype in (torch.float32, torch.float16):
+            unet = build_model(name, device, dtype).model.diffusion_model
+            inputs = forge_step.make_inputs(unet.config, 2, side, device, dtype)
+            for layers in ("middle", "all"):
+                cfg = forge_output(unet, inputs, "cfg", layers)
+                split = forge_output(unet, inputs, "cfg", layers, split=True)
+                separate = forge_output(unet, inputs, "separate", layers)
+                batched = forge_output(unet, inputs, "batched", layers)
+                effect, noise, b = (separate - cfg).norm(), (cfg - split).norm(), (batched - separate).norm()
+                print(
+                    f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | "
+                    f"{b / effect:.1e} |",
+                    flush=True,
+                )
+            del unet
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -58,6 +95,7 @@ def main() -> None:
                 )
             del model
             torch.cuda.empty_cache()
+    forge_table(device)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ def main() -> None:
             return 0
 
         def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **_):
+            calls.append(x.shape[0])
             eps = self.diffusion_model(x, t, context=c_crossattn, transformer_options=transformer_options or {})
             return x - 0.5 * eps
 
+    calls: list[int] = []
     cpu = torch.device("cpu")
     patcher = UnetPatcher(Model(), load_device=cpu, offload_device=cpu)
     x, sigma = torch.randn(2, 4, 13, 9), torch.full((2,), 2.5)
@@ -98,13 +100,18 @@ def main() -> None:
         hook = to_q.register_forward_hook(lambda _m, _a, q: q.mean(1, keepdim=True).expand_as(q))
         cond_ref = cond_pass()
         hook.remove()
-        for cfg in (7.0, 1.0):
+        for cfg, batch_rows in ((7.0, True), (7.0, False), (1.0, True), (1.0, False)):
             base = run(processing(), cfg)
             p = processing()
-            print("canonical:", forge.patch_unet(p, SegParams(enabled=True, scale=2.0)))
+            print("canonical:", forge.patch_unet(p, SegParams(enabled=True, scale=2.0), batch_rows=batch_rows))
+            calls.clear()
             out = run(p, cfg)
             err = (out - (base + 2.0 * (cond_plain - cond_ref))).abs().max().item()
-            print(f"cfg {cfg}, middle, inf: max err {err:.3g}, |seg term| {(out - base).abs().max().item():.3g}")
+            print(
+                f"cfg {cfg}, middle, inf, batch_rows={batch_rows}: UNet call rows {calls}, max err {err:.3g}, "
+                f"|seg term| {(out - base).abs().max().item():.3g}"
+            )
+            assert len(calls) == (1 if batch_rows else 2)
             assert err < 1e-5 and (out - base).abs().max() > 1e-4
             assert patcher.model_options == {"transformer_options": {}}
 

@@ -1,0 +1,134 @@
+"""Per-step cost of SEG through the Forge-family adapter: CFG only vs the separate pass vs batched rows.
+
+    python benchmarks/forge_step.py --out forge-table.md       # on a CUDA machine
+
+Same UNets as ``seg_step.py`` (tests/support/unet.py with the real SD1.5/SDXL configurations, random
+fp16 weights).  The host is the imitation of new Forge's sampling contract in
+tests/support/forge_host.py (``calc_cond_uncond_batch`` with its memory-limited batching and
+``model_function_wrapper``); the code under test is ``lib_seg.forge.patch_unet``, as the WebUI script
+calls it.  Modes, timed interleaved step by step (median of ``--repeats`` after ``--warmup``):
+
+* ``cfg``      - SEG off;
+* ``separate`` - the post-CFG cond-only pass (``batch_rows=False``);
+* ``batched``  - the SEG rows in the main call, replayed through the host's batching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.seg_step import MODELS, Timer  # noqa: E402
+from lib_seg import forge  # noqa: E402
+from lib_seg.params import SegParams  # noqa: E402
+from tests.support import forge_host as host  # noqa: E402
+from tests.support.unet import UNetModel  # noqa: E402
+
+MODES = ("cfg", "separate", "batched")
+KIND = "forge"
+
+
+def make_inputs(config, batch: int, side: int, device, dtype):
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def entry():
+        conds = {"c_crossattn": torch.randn(batch, 77, config.context_dim, generator=g, device=device, dtype=dtype)}
+        if config.adm_in_channels:
+            conds["y"] = torch.randn(batch, config.adm_in_channels, generator=g, device=device, dtype=dtype)
+        return [{"model_conds": conds, "strength": 1.0}]
+
+    x = torch.randn(batch, 4, side // 8, side // 8, generator=g, device=device, dtype=dtype)
+    return x, torch.full((batch,), 5.0, device=device, dtype=dtype), entry(), entry()
+
+
+def processing(unet: UNetModel, mode: str, layers: str, sigma: float):
+    p = host.make_processing(KIND, unet)
+    params = SegParams(enabled=mode != "cfg", layers=layers, blur_sigma=sigma)
+    forge.patch_unet(p, params, batch_rows=mode == "batched")
+    p.sampler.model_wrap_cfg.total_steps = 10**9
+    return p
+
+
+def step_ms(p, inputs) -> tuple[float, torch.Tensor]:
+    x, sigma, cond, uncond = inputs
+    with Timer(x.device) as timer:
+        out = p.sampler.model_wrap_cfg(x, sigma, cond, uncond, 7.0)
+    p.sd_model.forge_objects.unet.model.calls.clear()  # the imitation records every call's options
+    return timer.ms, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4")
+    parser.add_argument("--layers", default="middle,all")
+    parser.add_argument("--sigmas", default="inf,10")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    sys.modules.update(host.host_modules(KIND))
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
+    header = (
+        f"Card: {card}; torch {torch.__version__}; {args.dtype}; {datetime.date.today().isoformat()}; "
+        f"Forge-family adapter on the new-Forge host imitation; median of {args.repeats} steps"
+    )
+    print(header, flush=True)
+    rows = [
+        "| model | size | batch | layers | sigma | CFG ms | separate | batched | UNet calls sep / batched | "
+        "‖batched − separate‖ / ‖SEG effect‖ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in args.cases.split(","):
+        name, side, batch = case.split(":")
+        torch.manual_seed(0)
+        with device:
+            unet = UNetModel(MODELS[name]).to(dtype).eval()
+        inputs = make_inputs(unet.config, int(batch), int(side), device, dtype)
+        for layers in args.layers.split(","):
+            for sigma_text in args.sigmas.split(","):
+                sigma = math.inf if sigma_text == "inf" else float(sigma_text)
+                ps = {mode: processing(unet, mode, layers, sigma) for mode in MODES}
+                times, outs, calls = {mode: [] for mode in MODES}, {}, {}
+                with torch.no_grad():
+                    for mode in MODES:
+                        for _ in range(args.warmup):
+                            unet_rows = ps[mode].sd_model.forge_objects.unet.model.rows
+                            unet_rows.clear()
+                            _, outs[mode] = step_ms(ps[mode], inputs)
+                            calls[mode] = len(unet_rows)
+                    for _ in range(args.repeats):
+                        for mode in MODES:
+                            times[mode].append(step_ms(ps[mode], inputs)[0])
+                base = statistics.median(times["cfg"])
+                ratio = {mode: statistics.median(times[mode]) / base for mode in MODES}
+                effect = (outs["separate"].float() - outs["cfg"].float()).norm()
+                err = float((outs["batched"].float() - outs["separate"].float()).norm() / effect)
+                row = (
+                    f"| {name} | {side}² | {batch} | {layers} | {sigma_text} | {base:.1f} | "
+                    f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {calls['separate']} / {calls['batched']} | "
+                    f"{err:.1e} |"
+                )
+                rows.append(row)
+                print(row, flush=True)
+        del unet
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    table = "\n".join([header, "", *rows, ""])
+    if args.out:
+        Path(args.out).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
