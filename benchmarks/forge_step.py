@@ -10,7 +10,8 @@ calls it.  Modes, timed interleaved step by step (median of ``--repeats`` after 
 
 * ``cfg``      - SEG off;
 * ``separate`` - the post-CFG cond-only pass (``batch_rows=False``);
-* ``batched``  - the SEG rows in the main call, replayed through the host's batching.
+* ``batched``  - the SEG rows in the main call, replayed through the host's batching;
+* ``prefix``   - batched, with the blocks before the first blurred layer computed once for the SEG rows.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lib_seg.params import SegParams  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
 from tests.support.unet import UNetModel  # noqa: E402
 
-MODES = ("cfg", "separate", "batched")
+MODES = ("cfg", "separate", "batched", "prefix")
 KIND = "forge"
 
 
@@ -53,7 +54,7 @@ def make_inputs(config, batch: int, side: int, device, dtype):
 def processing(unet: UNetModel, mode: str, layers: str, sigma: float):
     p = host.make_processing(KIND, unet)
     params = SegParams(enabled=mode != "cfg", layers=layers, blur_sigma=sigma)
-    forge.patch_unet(p, params, batch_rows=mode == "batched")
+    forge.patch_unet(p, params, batch_rows=mode in ("batched", "prefix"), prefix_reuse=mode == "prefix")
     p.sampler.model_wrap_cfg.total_steps = 10**9
     return p
 
@@ -86,9 +87,9 @@ def main() -> None:
     )
     print(header, flush=True)
     rows = [
-        "| model | size | batch | layers | sigma | CFG ms | separate | batched | UNet calls sep / batched | "
-        "‖batched − separate‖ / ‖SEG effect‖ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | batch | layers | sigma | CFG ms | separate | batched | batched+prefix | "
+        "UNet calls sep / batched | ‖prefix − separate‖ / ‖SEG effect‖ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in args.cases.split(","):
         name, side, batch = case.split(":")
@@ -114,10 +115,11 @@ def main() -> None:
                 base = statistics.median(times["cfg"])
                 ratio = {mode: statistics.median(times[mode]) / base for mode in MODES}
                 effect = (outs["separate"].float() - outs["cfg"].float()).norm()
-                err = float((outs["batched"].float() - outs["separate"].float()).norm() / effect)
+                err = float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)
                 row = (
                     f"| {name} | {side}² | {batch} | {layers} | {sigma_text} | {base:.1f} | "
-                    f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {calls['separate']} / {calls['batched']} | "
+                    f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {ratio['prefix']:.2f}× | "
+                    f"{calls['separate']} / {calls['batched']} | "
                     f"{err:.1e} |"
                 )
                 rows.append(row)

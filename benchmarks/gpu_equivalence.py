@@ -47,8 +47,8 @@ def forge_output(unet, inputs, mode: str, layers: str, split: bool = False) -> t
 
 def forge_table(device: torch.device) -> None:
     sys.modules.update(host.host_modules(forge_step.KIND))
-    print("\n| model | dtype | layers | ‖effect‖ | noise floor | Forge batched−separate | (÷ effect) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | dtype | layers | ‖effect‖ | noise floor | batched−separate | prefix−separate | (÷ effect) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, side in (("sdxl", 1024), ("sd15", 512)):
         for dtype in (torch.float32, torch.float16):
             unet = build_model(name, device, dtype).model.diffusion_model
@@ -58,10 +58,12 @@ def forge_table(device: torch.device) -> None:
                 split = forge_output(unet, inputs, "cfg", layers, split=True)
                 separate = forge_output(unet, inputs, "separate", layers)
                 batched = forge_output(unet, inputs, "batched", layers)
-                effect, noise, b = (separate - cfg).norm(), (cfg - split).norm(), (batched - separate).norm()
+                prefix = forge_output(unet, inputs, "prefix", layers)
+                effect, noise = (separate - cfg).norm(), (cfg - split).norm()
+                b, p = (batched - separate).norm(), (prefix - separate).norm()
                 print(
-                    f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | "
-                    f"{b / effect:.1e} |",
+                    f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | {p:.3e} | "
+                    f"{b / effect:.1e} / {p / effect:.1e} |",
                     flush=True,
                 )
             del unet

@@ -26,6 +26,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -167,7 +168,9 @@ class SegRun:
         seg_rows = slice(step.n_cond, 2 * step.n_cond)
         stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self.on_skip))
         if self.prefix_reuse and "forward" not in vars(unet):  # an instance-patched forward: recompute all
-            stack.enter_context(batching.shared_prefix(unet, chosen, step.n_cond, rows))
+            n = step.n_cond
+            drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
+            stack.enter_context(batching.shared_prefix(unet, chosen, rows, rows - n, drop, expand))
         return stack
 
     def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:

@@ -5,17 +5,17 @@ The uncond rows stay last because the hosts' CFG combination reads them from the
 
 Prefix reuse: until the first UNet block that holds a blurred layer, a SEG row sees exactly what its
 cond row sees (same latent, sigma, text cond, control), so the SEG rows need not be computed there.
-Every block before that one gets a pre-hook that drops the SEG rows from its inputs and a forward
-hook that re-inserts them as copies of the cond rows in its output.  Outputs are stored as skip
-connections, so later blocks find full-size skips.  Every UNet block is row-independent (convs,
-GroupNorm per sample, attention per sample), so the result equals full recomputation.  If a block's
-input does not have the expected row count (another extension changed the batch), that block runs
-unchanged and its output is passed on as it is.
+Inside every block before that one, the layers drop the SEG rows from their inputs and the block's
+last layer re-inserts them as copies of the cond rows.  Block outputs are stored as skip connections,
+so later blocks find full-size skips.  Every UNet layer is row-independent (convs, GroupNorm per
+sample, attention per sample), so the result equals full recomputation.  A layer whose inputs do not
+have the expected row count (another extension changed the batch) runs unchanged.  The layout is the
+caller's (A1111: SEG rows between cond and uncond; Forge: appended), given as ``drop``/``expand``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -47,28 +47,38 @@ def prefix_blocks(unet: nn.Module, layers: Iterable[LayerKey]) -> list[nn.Module
     return [block for (part, index), block in blocks_in_order(unet) if (PARTS.index(part), index) < first]
 
 
+RowMap = Callable[[torch.Tensor], torch.Tensor]
+
+
 @contextmanager
-def shared_prefix(unet: nn.Module, layers: Iterable[LayerKey], n_cond: int, total_rows: int) -> Iterator[None]:
-    """Within the block, a call with ``total_rows`` rows computes its SEG rows' prefix only once."""
-    main_rows = total_rows - n_cond
+def shared_prefix(
+    unet: nn.Module, layers: Iterable[LayerKey], total_rows: int, main_rows: int, drop: RowMap, expand: RowMap
+) -> Iterator[None]:
+    """Within the block, a call with ``total_rows`` rows computes its SEG rows' prefix only once.
 
-    def drop(_module: nn.Module, args: tuple, kwargs: dict):
-        if not args or not torch.is_tensor(args[0]) or args[0].shape[0] != total_rows:
+    ``drop`` takes a ``total_rows`` tensor to its ``main_rows`` (SEG rows removed), ``expand`` puts
+    them back as copies of their cond rows.  Hooks sit on the layers inside each prefix block (the
+    hosts call those layers, while classic Forge and reForge never call the block module itself):
+    every layer gets its full-size tensor arguments (x, emb, context) slimmed, and the block's last
+    layer widens its output again, so skips and everything between blocks stay full size.
+    """
+
+    def slim(_module: nn.Module, args: tuple, kwargs: dict):
+        if not any(_is_rows(a, total_rows) for a in (*args, *kwargs.values())):
             return None
-        slim = tuple(without_seg_rows(a, n_cond) if _is_rows(a, total_rows) else a for a in args)
-        slim_kwargs = {k: without_seg_rows(v, n_cond) if _is_rows(v, total_rows) else v for k, v in kwargs.items()}
-        return slim, slim_kwargs
+        slim_args = tuple(drop(a) if _is_rows(a, total_rows) else a for a in args)
+        return slim_args, {k: drop(v) if _is_rows(v, total_rows) else v for k, v in kwargs.items()}
 
-    def expand(_module: nn.Module, _args: tuple, output: torch.Tensor):
-        if torch.is_tensor(output) and output.shape[0] == main_rows:
-            return with_seg_rows(output, n_cond)
-        return None
+    def widen(_module: nn.Module, _args: tuple, output: torch.Tensor):
+        return expand(output) if _is_rows(output, main_rows) else None
 
     handles = []
     try:
         for block in prefix_blocks(unet, layers):
-            handles.append(block.register_forward_pre_hook(drop, with_kwargs=True))
-            handles.append(block.register_forward_hook(expand))
+            children = list(block.children())
+            for layer in children:
+                handles.append(layer.register_forward_pre_hook(slim, with_kwargs=True))
+            handles.append(children[-1].register_forward_hook(widen))
         yield
     finally:
         for handle in handles:

@@ -120,7 +120,9 @@ def _switch_off(p: Any, patcher: Any) -> None:
         _install(p, patcher, None)
 
 
-def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None, batch_rows: bool = True) -> str | None:
+def patch_unet(
+    p: Any, params: SegParams | None, error: Exception | None = None, batch_rows: bool = True, prefix_reuse: bool = True
+) -> str | None:
     """Install SEG for the coming sampling pass of ``p``; return the canonical layer text, or None.
 
     ``error``: install a post-CFG function that raises it, so the request fails with its message.
@@ -128,7 +130,8 @@ def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None,
     without a UNet (Flux, Chroma, SD3) is left untouched with a warning.  Layers the UNet lacks are
     raised during sampling, with the list of layers it has.  Calling this again for the same pass
     replaces, never stacks, the SEG function.  ``batch_rows``: let the SEG rows ride in the main UNet
-    call when the host's memory estimate allows (the setting "Run the SEG rows inside the main UNet call").
+    call when the host's memory estimate allows (the setting "Run the SEG rows inside the main UNet call");
+    ``prefix_reuse``: compute the UNet blocks before the first blurred one once for those rows.
     """
     patcher = unet_patcher(p)
     if error is not None:
@@ -159,6 +162,6 @@ def patch_unet(p: Any, params: SegParams | None, error: Exception | None = None,
         return None
     seg_scale, sigma = setting
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    seg = SegPass(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser, batch_rows)
+    seg = SegPass(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser, batch_rows, prefix_reuse)
     _install(p, patcher, *seg_functions(seg))
     return text

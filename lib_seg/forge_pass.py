@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import forge_host, forge_rows, guidance, layers, query_hooks, schedule
+from . import batching, forge_host, forge_rows, guidance, layers, query_hooks, schedule
 from .forge_patches import SkipCallback, attn1_patch, sampling_progress, with_attn1_replaces
 
 log = logging.getLogger("sd_webui_seg")
@@ -37,6 +38,7 @@ class SegPass:
     window: tuple[float, float]
     denoiser: Any
     batch_rows: bool = False
+    prefix_reuse: bool = True
     on_skip: SkipCallback = field(default_factory=query_hooks.skip_warner)
     kept: forge_rows.KeptRows | None = None
     seen_step: int | None = None
@@ -61,10 +63,21 @@ class SegPass:
         call = self._batched_call(apply_model, args)
         if call is None:
             return apply_model(args["input"], args["timestep"], **args["c"])
-        out = apply_model(call.input, call.timestep, **call.c)
+        with self._shared_prefix(apply_model, call):
+            out = apply_model(call.input, call.timestep, **call.c)
         chunk_shape = args["input"][: args["input"].shape[0] // len(args["cond_or_uncond"])].shape
         self.kept = forge_rows.KeptRows(self.seen_step, chunk_shape, out[call.main_rows :])
         return out[: call.main_rows]
+
+    def _shared_prefix(self, apply_model: Callable, call: forge_rows.BatchedCall):
+        """Prefix reuse (:mod:`.batching`) unless the UNet's forward is patched on the instance or
+        another extension modifies layers inside blocks (``block_inner_modifiers`` see every row)."""
+        unet = query_hooks.as_ldm_unet(getattr(getattr(apply_model, "__self__", None), "diffusion_model", None))
+        inner_modifiers = call.c["transformer_options"].get("block_inner_modifiers")
+        if not self.prefix_reuse or unet is None or "forward" in vars(unet) or inner_modifiers:
+            return nullcontext()
+        total = call.input.shape[0]
+        return batching.shared_prefix(unet, self.keys, total, call.main_rows, call.drop, call.expand)
 
     def _batched_call(self, apply_model: Callable, args: Mapping) -> forge_rows.BatchedCall | None:
         """Only the first UNet call of a step is the main pass (other passes come after it)."""

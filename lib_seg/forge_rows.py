@@ -103,10 +103,20 @@ def _flags_options(options: dict, flags: list[int], chunks: list[int], sigmas: o
 
 @dataclass(frozen=True)
 class BatchedCall:
+    """The main call with the SEG rows: ``input[main_rows:]`` copies ``chunks`` of ``chunk_rows`` rows."""
+
     input: torch.Tensor
     timestep: torch.Tensor
     c: dict
     main_rows: int
+    chunks: tuple[int, ...]
+    chunk_rows: int
+
+    def drop(self, t: torch.Tensor) -> torch.Tensor:
+        return t[: self.main_rows]
+
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        return with_chunks(t, self.chunks, self.chunk_rows)
 
 
 def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> BatchedCall | None:
@@ -133,7 +143,8 @@ def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> Batc
     options["patches_replace"] = replaces
     options[SEG_ROWS] = (rows, rows + len(chunks) * chunk_rows)
     expanded["transformer_options"] = options
-    return BatchedCall(with_chunks(x, chunks, chunk_rows), with_chunks(timestep, chunks, chunk_rows), expanded, rows)
+    seg_x, seg_t = with_chunks(x, chunks, chunk_rows), with_chunks(timestep, chunks, chunk_rows)
+    return BatchedCall(seg_x, seg_t, expanded, rows, tuple(chunks), chunk_rows)
 
 
 def replay_wrapper(kept: KeptRows) -> Callable:

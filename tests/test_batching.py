@@ -35,9 +35,11 @@ def test_shared_prefix_matches_full_recomputation_and_saves_rows():
     with torch.no_grad():
         full = unet(x, t, context, y)
         first_input_rows = []
-        with shared_prefix(unet, [LayerKey("middle", 0, 0)], n, x.shape[0]):
-            # registered after the prefix hooks, so it sees what the block really computes on
-            h2 = unet.input_blocks[1].register_forward_pre_hook(lambda m, a: first_input_rows.append(a[0].shape[0]))
+        drop, expand = (lambda t: without_seg_rows(t, n)), (lambda t: with_seg_rows(t, n))
+        with shared_prefix(unet, [LayerKey("middle", 0, 0)], x.shape[0], x.shape[0] - n, drop, expand):
+            # registered after the prefix hooks, so it sees what the layer really computes on
+            first_layer = unet.input_blocks[1][0]
+            h2 = first_layer.register_forward_pre_hook(lambda m, a: first_input_rows.append(a[0].shape[0]))
             shared = unet(x, t, context, y)
             h2.remove()
     handle.remove()

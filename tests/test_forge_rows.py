@@ -283,3 +283,52 @@ def test_memory_check_needs_the_hosts_functions(monkeypatch):
     assert not forge_host.fits_in_memory("forge", object(), (6, 4, 8, 8), torch.device("cpu"))
     monkeypatch.delitem(sys.modules, "backend.memory_management")
     assert not forge_host.fits_in_memory("forge", model, (1, 4, 8, 8), torch.device("cpu"))
+
+
+def first_layer_rows(unet):
+    """Rows the first layer of input block 1 computes on (a hook registered after SEG's would run
+    after its slimming pre-hook; this one is registered first, so it records from the output)."""
+    seen = []
+    handle = unet.input_blocks[1][0].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_before_the_first_blurred_block_is_computed_once(sd1_f64, monkeypatch, kind):
+    host.install(monkeypatch, kind)
+    inputs = make_inputs(sd1_f64.config)
+    params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
+    separate, _ = run(kind, sd1_f64, inputs, False, params=params)
+    seen, handle = first_layer_rows(sd1_f64)
+    try:
+        batched, rows = run(kind, sd1_f64, inputs, True, params=params)
+    finally:
+        handle.remove()
+    assert rows == [6, 6] and seen == [4, 4]  # the down path ran without the SEG rows
+    assert_same(batched, separate)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in sd1_f64.modules())
+
+
+@pytest.mark.parametrize("blocker", ["inner_modifier", "patched_forward"])
+def test_prefix_reuse_falls_back_to_full_rows(sd1_f64, monkeypatch, blocker):
+    host.install(monkeypatch, "forge")
+    inputs = make_inputs(sd1_f64.config)
+    params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
+    separate, _ = run("forge", sd1_f64, inputs, False, params=params)
+    if blocker == "patched_forward":  # another extension wrapped the UNet's forward on the instance
+        monkeypatch.setattr(sd1_f64, "forward", sd1_f64.forward)
+    else:  # new Forge's block_inner_modifiers see every row of every layer
+        patch_unet = forge.patch_unet
+
+        def with_modifier(p, *args, **kwargs):
+            p.sd_model.forge_objects.unet.model_options["transformer_options"]["block_inner_modifiers"] = [print]
+            return patch_unet(p, *args, **kwargs)
+
+        monkeypatch.setattr(forge, "patch_unet", with_modifier)
+    seen, handle = first_layer_rows(sd1_f64)
+    try:
+        batched, rows = run("forge", sd1_f64, inputs, True, params=params)
+    finally:
+        handle.remove()
+    assert rows == [6, 6] and seen == [6, 6]
+    assert_same(batched, separate)
