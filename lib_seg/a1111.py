@@ -167,7 +167,8 @@ class SegRun:
         chosen = self.layers_for(unet)
         seg_rows = slice(step.n_cond, 2 * step.n_cond)
         stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self.on_skip))
-        if self.prefix_reuse and "forward" not in vars(unet):  # an instance-patched forward: recompute all
+        # an instance-patched forward: recompute all; one SEG row: the hooks cost more than they save
+        if self.prefix_reuse and "forward" not in vars(unet) and batching.prefix_pays(step.n_cond):
             n = step.n_cond
             drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
             stack.enter_context(batching.shared_prefix(unet, chosen, rows, rows - n, drop, expand))

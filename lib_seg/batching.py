@@ -49,6 +49,16 @@ def prefix_blocks(unet: nn.Module, layers: Iterable[LayerKey]) -> list[nn.Module
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]
 
+# Fewest SEG rows for which prefix reuse pays: with one SEG row (one image) a step is bound by kernel
+# launches and Python hooks, and the ~40 layer hooks cost more than the rows they save (H200, fp16,
+# docs/benchmarks.md: SD1.5 512² batch 1, 1.07-1.09x batched vs 1.14-1.19x with prefix; at batch 4
+# prefix wins, SDXL 1024² 1.36x vs 1.50x).
+PREFIX_MIN_SEG_ROWS = 2
+
+
+def prefix_pays(seg_rows: int) -> bool:
+    return seg_rows >= PREFIX_MIN_SEG_ROWS
+
 
 @contextmanager
 def shared_prefix(

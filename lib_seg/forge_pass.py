@@ -70,13 +70,15 @@ class SegPass:
         return out[: call.main_rows]
 
     def _shared_prefix(self, apply_model: Callable, call: forge_rows.BatchedCall):
-        """Prefix reuse (:mod:`.batching`) unless the UNet's forward is patched on the instance or
-        another extension modifies layers inside blocks (``block_inner_modifiers`` see every row)."""
+        """Prefix reuse (:mod:`.batching`) unless it does not pay (one SEG row), the UNet's forward is
+        patched on the instance, or another extension modifies layers inside blocks
+        (``block_inner_modifiers`` see every row)."""
         unet = query_hooks.as_ldm_unet(getattr(getattr(apply_model, "__self__", None), "diffusion_model", None))
         inner_modifiers = call.c["transformer_options"].get("block_inner_modifiers")
-        if not self.prefix_reuse or unet is None or "forward" in vars(unet) or inner_modifiers:
-            return nullcontext()
         total = call.input.shape[0]
+        pays = batching.prefix_pays(total - call.main_rows)
+        if not self.prefix_reuse or not pays or unet is None or "forward" in vars(unet) or inner_modifiers:
+            return nullcontext()
         return batching.shared_prefix(unet, self.keys, total, call.main_rows, call.drop, call.expand)
 
     def _batched_call(self, apply_model: Callable, args: Mapping) -> forge_rows.BatchedCall | None:

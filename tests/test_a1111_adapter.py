@@ -375,3 +375,16 @@ def test_detach_unwraps_the_inner_model(sd1):
     assert "forward" in vars(denoiser.inner_model)
     a1111.detach(denoiser)
     assert "forward" not in vars(denoiser.inner_model)
+
+
+def test_prefix_reuse_only_with_more_than_one_seg_row(sd1_f64, monkeypatch):
+    """One SEG row (one image): the prefix hooks cost more than they save (docs/benchmarks.md)."""
+    calls = []
+    original = a1111.batching.shared_prefix
+    monkeypatch.setattr(a1111.batching, "shared_prefix", lambda *a: calls.append(a) or original(*a))
+    config = sd1_f64.model.diffusion_model.config
+    for images, expected in ((1, 0), (2, 1)):
+        calls.clear()
+        inputs = to_dtype(make_inputs(config, images=images), torch.float64)
+        _, rows = run_counting(sd1_f64, inputs, a1111.SegRun(SegParams(enabled=True), batch_rows=True))
+        assert rows == [3 * images] and len(calls) == expected

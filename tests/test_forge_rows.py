@@ -332,3 +332,17 @@ def test_prefix_reuse_falls_back_to_full_rows(sd1_f64, monkeypatch, blocker):
         handle.remove()
     assert rows == [6, 6] and seen == [6, 6]
     assert_same(batched, separate)
+
+
+def test_no_prefix_reuse_for_a_single_seg_row(sd1_f64, monkeypatch):
+    host.install(monkeypatch, "forge")
+    inputs = make_inputs(sd1_f64.config, images=1)
+    params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
+    separate, _ = run("forge", sd1_f64, inputs, False, params=params)
+    seen, handle = first_layer_rows(sd1_f64)
+    try:
+        batched, rows = run("forge", sd1_f64, inputs, True, params=params)
+    finally:
+        handle.remove()
+    assert rows == [3, 3] and seen == [3, 3]
+    assert_same(batched, separate)
