@@ -16,7 +16,6 @@ calls it.  Modes, timed interleaved step by step (median of ``--repeats`` after 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import statistics
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.seg_step import MODELS, Timer  # noqa: E402
+from benchmarks.seg_step import MODELS, Timer, prefix_error, step_arguments  # noqa: E402
 from lib_seg import forge  # noqa: E402
 from lib_seg.params import SegParams  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
@@ -68,19 +67,9 @@ def step_ms(p, inputs) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4")
-    parser.add_argument("--layers", default="middle,all")
-    parser.add_argument("--sigmas", default="inf,10")
-    parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    cases = "sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4"
+    args, device, dtype, card = step_arguments(__doc__.splitlines()[0], cases)
     sys.modules.update(host.host_modules(KIND))
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
     header = (
         f"Card: {card}; torch {torch.__version__}; {args.dtype}; {datetime.date.today().isoformat()}; "
         f"Forge-family adapter on the new-Forge host imitation; median of {args.repeats} steps"
@@ -114,8 +103,7 @@ def main() -> None:
                             times[mode].append(step_ms(ps[mode], inputs)[0])
                 base = statistics.median(times["cfg"])
                 ratio = {mode: statistics.median(times[mode]) / base for mode in MODES}
-                effect = (outs["separate"].float() - outs["cfg"].float()).norm()
-                err = float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)
+                err = prefix_error(outs)
                 row = (
                     f"| {name} | {side}² | {batch} | {layers} | {sigma_text} | {base:.1f} | "
                     f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {ratio['prefix']:.2f}× | "

@@ -25,6 +25,23 @@ from lib_seg import a1111
 from tests.support import forge_host as host
 from tests.support.a1111_host import CFGDenoiser
 
+MODES = ("cfg", "separate", "batched", "prefix")
+HEADER = (
+    "| model | dtype | layers | ‖effect‖ | noise floor | batched−separate | prefix−separate | (÷ effect) |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def print_row(name: str, dtype: torch.dtype, layers: str, outs: dict, split: torch.Tensor) -> None:
+    """One table row: the SEG effect, the host's split noise, and our two differences from separate."""
+    effect, noise = (outs["separate"] - outs["cfg"]).norm(), (outs["cfg"] - split).norm()
+    b, p = ((outs[mode] - outs["separate"]).norm() for mode in ("batched", "prefix"))
+    print(
+        f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | {p:.3e} | "
+        f"{b / effect:.1e} / {p / effect:.1e} |",
+        flush=True,
+    )
+
 
 def output(model, inputs, mode: str, layers: str, batch_cond_uncond: bool = True) -> torch.Tensor:
     denoiser = CFGDenoiser(model, callbacks=[a1111.on_cfg_denoiser], batch_cond_uncond=batch_cond_uncond)
@@ -47,25 +64,14 @@ def forge_output(unet, inputs, mode: str, layers: str, split: bool = False) -> t
 
 def forge_table(device: torch.device) -> None:
     sys.modules.update(host.host_modules(forge_step.KIND))
-    print("\n| model | dtype | layers | ‖effect‖ | noise floor | batched−separate | prefix−separate | (÷ effect) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n" + HEADER)
     for name, side in (("sdxl", 1024), ("sd15", 512)):
         for dtype in (torch.float32, torch.float16):
             unet = build_model(name, device, dtype).model.diffusion_model
             inputs = forge_step.make_inputs(unet.config, 2, side, device, dtype)
             for layers in ("middle", "all"):
-                cfg = forge_output(unet, inputs, "cfg", layers)
-                split = forge_output(unet, inputs, "cfg", layers, split=True)
-                separate = forge_output(unet, inputs, "separate", layers)
-                batched = forge_output(unet, inputs, "batched", layers)
-                prefix = forge_output(unet, inputs, "prefix", layers)
-                effect, noise = (separate - cfg).norm(), (cfg - split).norm()
-                b, p = (batched - separate).norm(), (prefix - separate).norm()
-                print(
-                    f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | {p:.3e} | "
-                    f"{b / effect:.1e} / {p / effect:.1e} |",
-                    flush=True,
-                )
+                outs = {mode: forge_output(unet, inputs, mode, layers) for mode in MODES}
+                print_row(name, dtype, layers, outs, forge_output(unet, inputs, "cfg", layers, split=True))
             del unet
             torch.cuda.empty_cache()
 
@@ -75,26 +81,14 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print("| model | dtype | layers | ‖effect‖ | noise floor | batched−separate | prefix−separate | (÷ effect) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     for name, side in (("sdxl", 1024), ("sd15", 512)):
         for dtype in (torch.float32, torch.float16):
             model = build_model(name, device, dtype)
             inputs = make_inputs(model, 2, side, device, dtype)
             for layers in ("middle", "all"):
-                cfg = output(model, inputs, "cfg", layers)
-                split = output(model, inputs, "cfg", layers, batch_cond_uncond=False)
-                separate = output(model, inputs, "separate", layers)
-                batched = output(model, inputs, "batched", layers)
-                prefix = output(model, inputs, "prefix", layers)
-                effect = (separate - cfg).norm()
-                noise = (cfg - split).norm()
-                b, p = (batched - separate).norm(), (prefix - separate).norm()
-                print(
-                    f"| {name} | {str(dtype)[6:]} | {layers} | {effect:.3e} | {noise:.3e} | {b:.3e} | {p:.3e} | "
-                    f"{b / effect:.1e} / {p / effect:.1e} |",
-                    flush=True,
-                )
+                outs = {mode: output(model, inputs, mode, layers) for mode in MODES}
+                print_row(name, dtype, layers, outs, output(model, inputs, "cfg", layers, batch_cond_uncond=False))
             del model
             torch.cuda.empty_cache()
     forge_table(device)

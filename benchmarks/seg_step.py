@@ -162,9 +162,16 @@ def blur_ms(model: FakeSDModel, inputs: dict, layers: str, sigma: float, repeats
     return timer.ms / repeats
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4,sd15:768:1,sd15:768:4")
+def prefix_error(outs: dict) -> float:
+    """‖prefix − separate‖ / ‖SEG effect‖ (the effect: separate − cfg)."""
+    effect = (outs["separate"].float() - outs["cfg"].float()).norm()
+    return float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)
+
+
+def step_arguments(description: str, cases: str) -> tuple[argparse.Namespace, torch.device, torch.dtype, str]:
+    """The step benchmarks' command line: parsed arguments, device, dtype and the card's name."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default=cases, help="model:side:batch, comma-separated")
     parser.add_argument("--layers", default="middle,all")
     parser.add_argument("--sigmas", default="inf,10")
     parser.add_argument("--dtype", default="float16")
@@ -175,6 +182,12 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
+    return args, device, dtype, card
+
+
+def main() -> None:
+    cases = "sdxl:1024:1,sdxl:1024:4,sd15:512:1,sd15:512:4,sd15:768:1,sd15:768:4"
+    args, device, dtype, card = step_arguments(__doc__.splitlines()[0], cases)
     header = (
         f"Card: {card}; torch {torch.__version__}; {args.dtype}; "
         f"{datetime.date.today().isoformat()}; warm-up {args.warmup}, median of {args.repeats} steps"
@@ -231,8 +244,7 @@ def main() -> None:
                     in_step = 100 * (times["prefix"] - times["noblur"]) / times["prefix"]
                     share = f"{alone:.2f} / {in_step:.2f}"
                 identical = torch.equal(outs["cfg"], plain_out)
-                effect = (outs["separate"].float() - outs["cfg"].float()).norm()
-                err = float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)
+                err = prefix_error(outs)
                 row = (
                     f"| {name} | {side}² | {batch} | {layers} | {sigma_text} | {base:.1f} | "
                     f"{times['separate'] / base:.2f}× | {times['batched'] / base:.2f}× | "

@@ -285,12 +285,16 @@ def test_memory_check_needs_the_hosts_functions(monkeypatch):
     assert not forge_host.fits_in_memory("forge", model, (1, 4, 8, 8), torch.device("cpu"))
 
 
-def first_layer_rows(unet):
-    """Rows the first layer of input block 1 computes on (a hook registered after SEG's would run
-    after its slimming pre-hook; this one is registered first, so it records from the output)."""
+def batched_with_first_layer_rows(kind, unet, inputs, params):
+    """A batched run, and the rows the first layer of input block 1 computed on in each UNet call
+    (read from its output, which the prefix hooks leave slim: only the block's last layer widens)."""
     seen = []
     handle = unet.input_blocks[1][0].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
-    return seen, handle
+    try:
+        batched, rows = run(kind, unet, inputs, True, params=params)
+    finally:
+        handle.remove()
+    return batched, rows, seen
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -299,11 +303,7 @@ def test_prefix_before_the_first_blurred_block_is_computed_once(sd1_f64, monkeyp
     inputs = make_inputs(sd1_f64.config)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
     separate, _ = run(kind, sd1_f64, inputs, False, params=params)
-    seen, handle = first_layer_rows(sd1_f64)
-    try:
-        batched, rows = run(kind, sd1_f64, inputs, True, params=params)
-    finally:
-        handle.remove()
+    batched, rows, seen = batched_with_first_layer_rows(kind, sd1_f64, inputs, params)
     assert rows == [6, 6] and seen == [4, 4]  # the down path ran without the SEG rows
     assert_same(batched, separate)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in sd1_f64.modules())
@@ -325,11 +325,7 @@ def test_prefix_reuse_falls_back_to_full_rows(sd1_f64, monkeypatch, blocker):
             return patch_unet(p, *args, **kwargs)
 
         monkeypatch.setattr(forge, "patch_unet", with_modifier)
-    seen, handle = first_layer_rows(sd1_f64)
-    try:
-        batched, rows = run("forge", sd1_f64, inputs, True, params=params)
-    finally:
-        handle.remove()
+    batched, rows, seen = batched_with_first_layer_rows("forge", sd1_f64, inputs, params)
     assert rows == [6, 6] and seen == [6, 6]
     assert_same(batched, separate)
 
@@ -339,10 +335,6 @@ def test_no_prefix_reuse_for_a_single_seg_row(sd1_f64, monkeypatch):
     inputs = make_inputs(sd1_f64.config, images=1)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
     separate, _ = run("forge", sd1_f64, inputs, False, params=params)
-    seen, handle = first_layer_rows(sd1_f64)
-    try:
-        batched, rows = run("forge", sd1_f64, inputs, True, params=params)
-    finally:
-        handle.remove()
+    batched, rows, seen = batched_with_first_layer_rows("forge", sd1_f64, inputs, params)
     assert rows == [3, 3] and seen == [3, 3]
     assert_same(batched, separate)
