@@ -105,10 +105,15 @@ def main() -> None:
             p = processing()
             print("canonical:", forge.patch_unet(p, SegParams(enabled=True, scale=2.0), batch_rows=batch_rows))
             calls.clear()
+            first_layer = unet.input_blocks[1][0]  # prefix reuse leaves its output without the SEG rows
+            prefix_rows: list[int] = []
+            handle = first_layer.register_forward_hook(lambda _m, _a, o, r=prefix_rows: r.append(o.shape[0]))
             out = run(p, cfg)
+            handle.remove()
             err = (out - (base + 2.0 * (cond_plain - cond_ref))).abs().max().item()
             print(
-                f"cfg {cfg}, middle, inf, batch_rows={batch_rows}: UNet call rows {calls}, max err {err:.3g}, "
+                f"cfg {cfg}, middle, inf, batch_rows={batch_rows}: UNet call rows {calls}, "
+                f"down-path rows {prefix_rows}, max err {err:.3g}, "
                 f"|seg term| {(out - base).abs().max().item():.3g}"
             )
             assert len(calls) == (1 if batch_rows else 2)
