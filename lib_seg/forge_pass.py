@@ -15,6 +15,7 @@ from .forge_patches import SkipCallback, attn1_patch, sampling_progress, with_at
 
 log = logging.getLogger("sd_webui_seg")
 SEG_MARK = "_sd_webui_seg_post_cfg"
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -63,8 +64,13 @@ class SegPass:
         call = self._batched_call(apply_model, args)
         if call is None:
             return apply_model(args["input"], args["timestep"], **args["c"])
-        with self._shared_prefix(apply_model, call):
-            out = apply_model(call.input, call.timestep, **call.c)
+        try:
+            with self._shared_prefix(apply_model, call):
+                out = apply_model(call.input, call.timestep, **call.c)
+        except OUT_OF_MEMORY:  # the estimate was optimistic: this pass goes on without extra rows
+            self.batch_rows = False
+            log.warning("SEG: out of memory with the SEG rows in the main UNet call; SEG makes its own call now")
+            return apply_model(args["input"], args["timestep"], **args["c"])
         chunk_shape = args["input"][: args["input"].shape[0] // len(args["cond_or_uncond"])].shape
         self.kept = forge_rows.KeptRows(self.seen_step, chunk_shape, out[call.main_rows :])
         return out[: call.main_rows]

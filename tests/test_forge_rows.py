@@ -338,3 +338,25 @@ def test_no_prefix_reuse_for_a_single_seg_row(sd1_f64, monkeypatch):
     batched, rows, seen = batched_with_first_layer_rows("forge", sd1_f64, inputs, params)
     assert rows == [3, 3] and seen == [3, 3]
     assert_same(batched, separate)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_out_of_memory_in_the_batched_call_falls_back_for_the_pass(sd1_f64, monkeypatch, kind, caplog):
+    """The host's estimate said it fits, the card disagreed: that step and the rest of the pass go on
+    with the separate SEG call, same result."""
+    host.install(monkeypatch, kind)
+    inputs = make_inputs(sd1_f64.config)
+    separate, _ = run(kind, sd1_f64, inputs, False)
+    apply_model = host.BaseModel.apply_model
+
+    def small_card(self, x, *args, **kwargs):
+        if x.shape[0] > 4:
+            self.rows.append(x.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return apply_model(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(host.BaseModel, "apply_model", small_card)
+    batched, rows = run(kind, sd1_f64, inputs, True)
+    assert rows == [6, 4, 2, 4, 2]  # the failed try once, then main and SEG calls
+    assert_same(batched, separate)
+    assert "out of memory with the SEG rows" in caplog.text
