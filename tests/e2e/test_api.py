@@ -169,13 +169,20 @@ def mean_difference(a: str, b: str) -> float:
     return sum(diff.getdata(band=0)) / (diff.width * diff.height)
 
 
-def test_batched_rows_and_separate_pass_agree(api, baseline):
+@pytest.mark.parametrize(
+    "seg,batch_size",
+    [({"scale": 10, "blur_sigma": 2.0, "layers": "all"}, 1), ({"scale": 10, "layers": "m0,u3"}, 2)],
+    ids=["one-image", "two-images-shared-prefix"],
+)
+def test_batched_rows_and_separate_pass_agree(api, seg, batch_size):
     """The setting "Run the SEG rows inside the main UNet call" changes the speed, not the image (up to
-    float rounding of a different batch size)."""
+    float rounding of a different batch size); with two images the down path is also shared."""
     images = {}
     for batched in (True, False):
         settings = {"override_settings": {"seg_batch_rows": batched}, "override_settings_restore_afterwards": True}
-        images[batched] = txt2img(api, [{"scale": 10, "blur_sigma": 2.0, "layers": "all"}], **settings)["images"][0]
-    effect = mean_difference(images[False], baseline["images"][0])
-    assert effect > 0.05
-    assert mean_difference(images[True], images[False]) < effect / 20
+        images[batched] = txt2img(api, [seg], batch_size=batch_size, **settings)["images"]
+    plain = txt2img(api, batch_size=batch_size)["images"]
+    for with_rows, separate, without in zip(images[True], images[False], plain, strict=True):
+        effect = mean_difference(separate, without)
+        assert effect > 0.05
+        assert mean_difference(with_rows, separate) < effect / 20
