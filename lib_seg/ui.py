@@ -49,7 +49,7 @@ SETTINGS: tuple[tuple[str, str, str, str, dict], ...] = (
 BATCH_ROWS_SETTING = "seg_batch_rows"
 BATCH_ROWS_LABEL = (
     "Run the SEG rows inside the main UNet call when the host batches cond and uncond together "
-    "(faster; more VRAM; never with --medvram/--lowvram)"
+    "(faster; more VRAM; A1111: never with --medvram/--lowvram; Forge/reForge: when its memory estimate allows)"
 )
 
 

@@ -227,3 +227,23 @@ def test_batch_rows_allowed():
     assert batch_rows_allowed(opts, SimpleNamespace(medvram_sdxl=True), is_sdxl=False)
     assert not batch_rows_allowed(SimpleNamespace(seg_batch_rows=False), None, is_sdxl=False)
     assert not batch_rows_allowed(SimpleNamespace(batch_cond_uncond=False), None, is_sdxl=False)
+
+
+@pytest.mark.parametrize("batch_rows", [True, False])
+def test_forge_dispatch_follows_the_batch_rows_setting(host, monkeypatch, batch_rows):
+    """On a Forge-family host the script installs on the UNet patcher, with the model-function
+    wrapper only when the setting allows SEG rows in the main call (tests/support/forge_host.py)."""
+    from lib_seg import forge
+    from tests.support import forge_host
+
+    forge_host.install(monkeypatch, "forge")
+    host.shared.opts.seg_batch_rows = batch_rows
+    script = host.module.SmoothedEnergyGuidanceScript()
+    p = forge_host.make_processing("forge", build_unet(TINY_SD1, seed=3))
+    p.extra_generation_params = {}
+    script.process(p, {"enabled": True})
+    script.process_before_every_sampling(p, {"enabled": True}, x=None, noise=None, c=None, uc=None)
+    options = p.sd_model.forge_objects.unet.model_options
+    assert forge.has_seg(p.sd_model.forge_objects.unet)
+    assert ("model_function_wrapper" in options) == batch_rows
+    assert p.extra_generation_params["SEG layers"] == "middle"
