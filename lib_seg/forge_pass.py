@@ -71,7 +71,7 @@ class SegPass:
             self.batch_rows = False
             log.warning("SEG: out of memory with the SEG rows in the main UNet call; SEG makes its own call now")
             return apply_model(args["input"], args["timestep"], **args["c"])
-        chunk_shape = args["input"][: args["input"].shape[0] // len(args["cond_or_uncond"])].shape
+        chunk_shape = call.input[: call.chunk_rows].shape
         self.kept = forge_rows.KeptRows(self.seen_step, chunk_shape, out[call.main_rows :])
         return out[: call.main_rows]
 

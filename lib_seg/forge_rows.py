@@ -46,7 +46,7 @@ class ReplayMismatch(RuntimeError):
 class KeptRows:
     """The SEG rows of one main call: its denoiser step, the cond-chunk shape and the outputs."""
 
-    step: tuple
+    step: int
     chunk_shape: torch.Size
     outputs: torch.Tensor  # n cond chunks stacked, in the order they had in the main call
 
