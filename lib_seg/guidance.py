@@ -50,7 +50,8 @@ def apply_seg_composable(
     """
     if len(conds_list) != denoised.shape[0]:
         raise ValueError(f"{len(conds_list)} AND-prompt lists for {denoised.shape[0]} images")
-    weights = composable_weights(conds_list, cond.shape[0]).to(device=denoised.device, dtype=torch.float32)
-    difference = (cond - cond_seg).float().flatten(1)
+    work = torch.promote_types(denoised.dtype, torch.float32)  # half precision sums in float32, float64 stays
+    weights = composable_weights(conds_list, cond.shape[0]).to(device=denoised.device, dtype=work)
+    difference = (cond - cond_seg).to(work).flatten(1)
     correction = (weights @ difference).reshape(denoised.shape)
     return denoised + (scale * correction).to(denoised.dtype)

@@ -4,6 +4,7 @@ import torch
 
 from lib_seg.batching import blocks_in_order, prefix_blocks, shared_prefix, with_seg_rows, without_seg_rows
 from lib_seg.layers import LayerKey
+from tests.support.tolerance import assert_network_close
 from tests.support.unet import TINY_SDXL, build_unet
 
 
@@ -23,13 +24,13 @@ def test_prefix_blocks_are_those_before_the_first_selected_block():
 
 
 def test_shared_prefix_matches_full_recomputation_and_saves_rows():
-    unet = build_unet(TINY_SDXL)
+    unet = build_unet(TINY_SDXL, dtype=torch.float64)
     n, uncond = 2, 2
     g = torch.Generator().manual_seed(0)
-    x = with_seg_rows(torch.randn(n + uncond, 4, 9, 7, generator=g), n)
-    context = with_seg_rows(torch.randn(n + uncond, 3, 16, generator=g), n)
-    y = with_seg_rows(torch.randn(n + uncond, 12, generator=g), n)
-    t = torch.full((x.shape[0],), 500.0)
+    x = with_seg_rows(torch.randn(n + uncond, 4, 9, 7, generator=g, dtype=torch.float64), n)
+    context = with_seg_rows(torch.randn(n + uncond, 3, 16, generator=g, dtype=torch.float64), n)
+    y = with_seg_rows(torch.randn(n + uncond, 12, generator=g, dtype=torch.float64), n)
+    t = torch.full((x.shape[0],), 500.0, dtype=torch.float64)
     seen = []
     handle = unet.middle_block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     with torch.no_grad():
@@ -45,5 +46,5 @@ def test_shared_prefix_matches_full_recomputation_and_saves_rows():
     handle.remove()
     assert first_input_rows == [n + uncond]  # the down path ran without the SEG rows
     assert seen == [6, 6]  # the middle block got every row both times
-    torch.testing.assert_close(shared, full, rtol=0, atol=1e-6)
+    assert_network_close(shared, full)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())

@@ -14,6 +14,7 @@ import torch
 from lib_seg import forge, forge_host, forge_rows
 from lib_seg.params import SegParams
 from tests.support import forge_host as host
+from tests.support.tolerance import assert_network_close
 from tests.support.unet import TINY_SD1, TINY_SDXL, build_unet
 
 KINDS = host.KINDS
@@ -61,7 +62,7 @@ def run(kind, unet, inputs, batch_rows, params=None, cond_scale=7.0, before=None
 
 def assert_same(batched, separate):
     for a, b in zip(batched, separate, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert_network_close(a, b)
 
 
 # --- the batched main call --------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_only_selected_layers_see_blurred_queries(config, spec):
     first = min(order.index(n) for n in selected_names)
     for index, name in enumerate(order):
         q = seen[name]
-        constant = torch.allclose(q, q.mean(dim=1, keepdim=True).expand_as(q), atol=1e-5)
+        constant = bool((q == q[:, :1]).all())  # infinite blur writes one mean query to every token
         assert constant == (name in selected_names), name
         if index < first:
             assert torch.equal(q, plain[name]), name  # upstream of the first blurred layer: untouched
@@ -70,8 +70,8 @@ def test_rows_limit_the_blur_to_those_batch_rows():
     for h in handles:
         h.remove()
     q = seen[attn1_name(key)]
-    assert torch.allclose(q[1], q[1].mean(0).expand_as(q[1]), atol=1e-6)
-    assert not torch.allclose(q[0], q[0].mean(0).expand_as(q[0]), atol=1e-3)
+    assert bool((q[1] == q[1][:1]).all())  # every token of the blurred row holds the same mean query
+    assert not bool((q[0] == q[0][:1]).all())
 
 
 def test_token_count_mismatch_is_skipped_and_reported():
