@@ -6,7 +6,7 @@
         "infinite": "Infinite blur: every query is replaced by the mean query (the paper's default and strongest setting).",
         "sigma": "Gaussian blur sigma in tokens. Larger = stronger effect. Ignored while 'Infinite blur' is on.",
         "layer_preset": "Which self-attention layers are blurred. 'middle' is the paper's default (SDXL: all 10 middle transformers).",
-        "custom_layers": "Block list: d4 = input block 4, m0 = middle block, u3 = output block 3; on SDXL .j picks transformer j (u0.3); ranges are inclusive (d7.2-9). A layer the model lacks is an error that lists the valid ones.",
+        "custom_layers": "Block list: d4 = input block 4, m0 = middle block, u3 = output block 3; on SDXL .j picks transformer j (u0.3); ranges are inclusive (d7.2-9). The official code's indices work in brackets: ['m0'] = first middle layer. A layer the model lacks is an error that lists the valid ones.",
         "start": "SEG starts at this fraction of the sampling steps (step i of n is at i/n).",
         "end": "SEG stops after this fraction of the sampling steps (inclusive).",
         "hires_mode": "Hires fix second pass: same settings, off, or its own scale and sigma.",

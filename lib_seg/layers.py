@@ -11,6 +11,9 @@ A spec is a comma-separated list of presets or block items:
 * items ``d4`` (input block 4, every transformer), ``m0`` (middle block), ``u0.3`` (output block 0,
   transformer 3), ranges inclusive on either index: ``d4-5``, ``d2.2-9``, ``u0-2.0-4``.
 
+The official SEG-SDXL indices are accepted too, in brackets as written in the official call:
+``['d4', 'm0']`` (single attention layers, see :mod:`lib_seg.official_layers`).
+
 Specs are validated against the layers a model really has, and errors list them.
 """
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
+
+from . import official_layers
 
 PARTS = ("input", "middle", "output")
 PART_LETTERS = {"d": "input", "m": "middle", "u": "output"}
@@ -114,6 +119,11 @@ def _covers_blocks(chosen: list[LayerKey], blocks: range) -> bool:
 def resolve_layers(spec: str, available: Iterable[LayerKey]) -> tuple[LayerKey, ...]:
     """Layer keys a spec selects on a model with ``available`` attn1 layers (sorted, unique)."""
     available = tuple(sorted(set(available), key=sort_key))
+    if official_layers.is_official_spec(spec):
+        official_layers.official_items(spec)  # syntax errors first, whatever the model
+        if not available:
+            raise ValueError("SEG layers: this model has no self-attention layers SEG can blur")
+        return tuple(sorted(set(official_layers.resolve_official(spec, available)), key=sort_key))
     items = [item.strip().lower() for item in str(spec).split(",") if item.strip()]
     if not items:
         raise ValueError("SEG layers: the layer list is empty; use e.g. 'middle' or 'm0'")
@@ -178,6 +188,8 @@ MODEL_LAYERS: dict[str, tuple[LayerKey, ...]] = {"sd1": _SD1_LAYERS, "sd2": _SD1
 
 def check_spec_syntax(spec: str) -> str:
     """Normalise a spec's spelling (lower case, no spaces) and reject what no model could accept."""
+    if official_layers.is_official_spec(spec):
+        return official_layers.normalise(spec)
     items = [item.strip().lower() for item in str(spec).split(",") if item.strip()]
     if not items:
         raise ValueError("SEG layers: the layer list is empty; use e.g. 'middle' or 'm0'")
