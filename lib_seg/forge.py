@@ -16,6 +16,9 @@ the files are cited in ``tests/support/forge_host.py``; host modules are resolve
   ``patches_replace["attn1"]`` blurs the queries.  Both give the same ``cond_seg``; the guided result
   is ``denoised + seg_scale * (cond_denoised - cond_seg)``.  Only the cond prediction is needed, so it
   works when CFG 1 skipped the uncond pass.  The patcher's dicts are never mutated.
+* The token grid of each layer comes from the host where it tells it (reForge's
+  ``activations_shape``); on classic and new Forge a block modifier records the map entering each
+  block (:func:`.forge_patches.record_block_grid`), so Deep Shrink's resized maps are blurred exactly.
 * Errors (bad settings, layers the model lacks) are raised from inside the post-CFG function: the
   hosts only log exceptions from script hooks, but one raised during sampling fails the request.
 
@@ -38,10 +41,26 @@ import torch
 
 from . import forge_host, layers, query_hooks
 from .forge_pass import SEG_MARK, SegPass
-from .forge_patches import attn1_patch, blur_for_layer, sampling_progress, token_grid, with_attn1_replaces
+from .forge_patches import (
+    attn1_patch,
+    blur_for_layer,
+    record_block_grid,
+    sampling_progress,
+    token_grid,
+    with_attn1_replaces,
+    with_block_grid_recorder,
+)
 from .params import SegParams
 
-__all__ = ["attn1_patch", "blur_for_layer", "patch_unet", "sampling_progress", "token_grid", "with_attn1_replaces"]
+__all__ = [
+    "attn1_patch",
+    "blur_for_layer",
+    "patch_unet",
+    "record_block_grid",
+    "sampling_progress",
+    "token_grid",
+    "with_attn1_replaces",
+]
 
 log = logging.getLogger("sd_webui_seg")
 
@@ -94,11 +113,14 @@ def has_seg(patcher: Any) -> bool:
     return any(getattr(f, SEG_MARK, False) for f in (*functions, wrapper))
 
 
-def _install(p: Any, patcher: Any, post_cfg: Callable | None, wrapper: Callable | None = None) -> None:
+def _install(
+    p: Any, patcher: Any, post_cfg: Callable | None, wrapper: Callable | None = None, record_grid: bool = False
+) -> None:
     """Clone, drop earlier SEG functions, add ``post_cfg`` (if any), assign the clone back.
 
     ``wrapper`` becomes the patcher's ``model_function_wrapper`` only when no other extension set
     one (the hosts keep a single wrapper); without it every step makes the separate pass.
+    ``record_grid``: add the block modifier that gives attn1 patches the exact token grid.
     """
     clone = patcher.clone()
     options = clone.model_options
@@ -107,6 +129,7 @@ def _install(p: Any, patcher: Any, post_cfg: Callable | None, wrapper: Callable 
     ]
     if getattr(options.get("model_function_wrapper"), SEG_MARK, False):
         del options["model_function_wrapper"]
+    with_block_grid_recorder(options.setdefault("transformer_options", {}), record_block_grid if record_grid else None)
     if post_cfg is not None:
         clone.set_model_sampler_post_cfg_function(post_cfg)
     if wrapper is not None and "model_function_wrapper" not in options:
@@ -163,5 +186,5 @@ def patch_unet(
     seg_scale, sigma = setting
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
     seg = SegPass(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser, batch_rows, prefix_reuse)
-    _install(p, patcher, *seg_functions(seg))
+    _install(p, patcher, *seg_functions(seg), record_grid=True)
     return text

@@ -33,21 +33,53 @@ def with_attn1_replaces(model_options: Mapping, patches: Mapping[tuple, Patch]) 
     return options
 
 
+BLOCK_GRID = "seg_block_grid"
+
+
+def record_block_grid(h: torch.Tensor, when: str, transformer_options: dict) -> torch.Tensor:
+    """Block modifier: note the (H, W) of the map entering each UNet block, before the block runs.
+
+    Classic and new Forge call ``transformer_options["block_modifiers"]`` as ``(h, "before", options)``
+    just before each input, middle and output block, after Deep Shrink's input/output block patches
+    resized ``h``, and their ``BasicTransformerBlock`` copies ``transformer_options`` into the attn1
+    patch's ``extra_options``.  A block's SpatialTransformer sees the map the block got (ResBlocks keep
+    the size, the Upsample comes after it), so the attn1 patch learns the true grid in every step.
+    """
+    if when == "before":
+        transformer_options[BLOCK_GRID] = (int(h.shape[-2]), int(h.shape[-1]))
+    return h
+
+
 def token_grid(n_tokens: int, extra_options: Mapping) -> tuple[int, int] | None:
     """(h, w) of the tokens an attn1 patch sees, or None when no grid fits ``n_tokens``.
 
-    reForge passes the exact ``activations_shape`` entering the SpatialTransformer; classic and new
-    Forge only the latent's ``original_shape``, from which the UNet's ceil-halving chain is walked.
-    Token merging or Deep Shrink change the count, and then nothing matches.
+    Exact sources first: reForge's ``activations_shape`` (the SpatialTransformer's input), then the
+    map recorded by :func:`record_block_grid` on classic and new Forge (right under Deep Shrink too).
+    Without either, the UNet's ceil-halving chain is walked from the latent's ``original_shape``.  A
+    count that fits none of them (token merging, HyperTile tiles) gives None: never a guess.
     """
-    shape = extra_options.get("activations_shape")
-    if shape is not None and len(shape) >= 2:
-        height, width = int(shape[-2]), int(shape[-1])
-        return (height, width) if height * width == n_tokens else None
+    for exact in (extra_options.get("activations_shape"), extra_options.get(BLOCK_GRID)):
+        if exact is not None and len(exact) >= 2:
+            height, width = int(exact[-2]), int(exact[-1])
+            return (height, width) if height * width == n_tokens else None
     original = extra_options.get("original_shape")
     if original is None or len(original) < 2:
         return None
     return geometry.token_grid(n_tokens, int(original[-2]), int(original[-1]))
+
+
+def with_block_grid_recorder(transformer_options: dict, recorder: Callable | None) -> None:
+    """Set ``block_modifiers`` to the ones there minus earlier recorders of ours, plus ``recorder``.
+
+    A new list, as the hosts' ``append_transformer_option`` makes, so a patcher this was cloned
+    from keeps its own.
+    """
+    existing = transformer_options.get("block_modifiers")
+    kept = [modifier for modifier in existing or () if modifier is not record_block_grid]
+    if recorder is not None:
+        kept.append(recorder)
+    if kept or existing is not None:
+        transformer_options["block_modifiers"] = kept
 
 
 def blur_for_layer(

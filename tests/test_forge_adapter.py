@@ -168,7 +168,8 @@ def test_only_the_seg_pass_is_patched(sd1, monkeypatch, kind):
     assert original.model_options.keys() == {"transformer_options", "sampler_post_cfg_function"}
     assert original.model_options["transformer_options"] == {}
     assert len(original.model_options["sampler_post_cfg_function"]) == 1  # only the spy
-    assert patched.model_options["transformer_options"] == {}  # post-CFG never wrote into the patcher's dict
+    # post-CFG never wrote into the patcher's dict; SEG only added its grid recorder at install time
+    assert patched.model_options["transformer_options"] == {"block_modifiers": [forge.record_block_grid]}
     calls = patched.model.calls
     main = [c for c in calls if c["cond_or_uncond"] == [1, 0]]  # the hosts batch in reverse order
     extra = [c for c in calls if c["cond_or_uncond"] == [0]]
@@ -295,8 +296,10 @@ def test_token_grid_prefers_activations_shape():
     assert forge.token_grid(35, {}) is None
 
 
-@pytest.mark.parametrize("kind", ["forge-classic", "reforge"])
-def test_reforge_uses_activations_shape_in_sampling(sd1, monkeypatch, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_takes_exact_grids_and_never_walks_the_chain(sd1, monkeypatch, kind):
+    """reForge tells ``activations_shape``; classic and new Forge get the grid SEG's block modifier
+    recorded.  The ceil-chain walk is only for a host that tells neither."""
     host.install(monkeypatch, kind)
 
     def no_chain_walk(*_):
@@ -307,10 +310,6 @@ def test_reforge_uses_activations_shape_in_sampling(sd1, monkeypatch, kind):
     (baseline,) = sample(host.make_processing(kind, sd1), inputs)
     p = host.make_processing(kind, sd1)
     forge.patch_unet(p, SegParams(enabled=True, blur_sigma=2.0, layers="d1,m0"))
-    if kind == "forge-classic":  # no activations_shape there: the grid comes from original_shape
-        with pytest.raises(AssertionError, match="walked the ceil chain"):
-            sample(p, inputs)
-        return
     (out,) = sample(p, inputs)
     assert_network_close(out, slow_expected(sd1, inputs, baseline, "d1,m0", 2.0, 3.0))
 

@@ -1,6 +1,7 @@
 """End-to-end API tests against a running WebUI with this extension installed.
 
 Skipped unless ``WEBUI_URL`` is set, e.g. ``WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e``.
+``WEBUI_LOG`` (optional) names the server's console log, so tests can check what a request printed.
 The server must have an SD1.x/SD2.x/SDXL checkpoint loaded (random weights are fine: the tests compare
 images with each other, never with references).
 """
@@ -62,3 +63,43 @@ def api() -> Api:
 def is_forge(api) -> bool:
     """Forge 2.x (backend/): its options carry forge_* keys."""
     return any(key.startswith("forge_additional_modules") for key in api.get("/sdapi/v1/options"))
+
+
+@pytest.fixture(scope="session")
+def model_layers(api) -> list[str]:
+    """The loaded model's attention blocks, read from SEG's own error for a layer no model has."""
+    payload = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    payload["alwayson_scripts"] = {"Smoothed Energy Guidance": {"args": [{"layers": "d99"}]}}
+    _, body = api.post("/sdapi/v1/txt2img", payload)
+    text = json.dumps(body)
+    marker = "it has "
+    assert marker in text, body
+    return text[text.index(marker) + len(marker) :].split('"')[0].split("\\")[0].split(",")
+
+
+@pytest.fixture(scope="session")
+def alwayson_titles(api) -> set[str]:
+    """Lower-cased titles of the host's AlwaysOn txt2img scripts (``GET /sdapi/v1/script-info``)."""
+    return {info["name"] for info in api.get("/sdapi/v1/script-info") if info.get("is_alwayson")}
+
+
+class ServerLog:
+    """The server's console log, when ``WEBUI_LOG`` names it: tests read what a request printed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def mark(self) -> int:
+        return os.path.getsize(self.path) if self.path else 0
+
+    def since(self, mark: int) -> str | None:
+        if not self.path:
+            return None
+        with open(self.path, encoding="utf-8", errors="replace") as log:
+            log.seek(mark)
+            return log.read()
+
+
+@pytest.fixture(scope="session")
+def server_log() -> ServerLog:
+    return ServerLog(os.environ.get("WEBUI_LOG", ""))

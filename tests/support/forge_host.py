@@ -72,6 +72,8 @@ class BaseModel:
         self.rows.append(x.shape[0])
         if not self.activations_shape:
             transformer_options = _without_activations_shape(transformer_options)
+        elif transformer_options and "block_modifiers" in transformer_options:  # reForge's UNet never calls them
+            transformer_options = {k: v for k, v in transformer_options.items() if k != "block_modifiers"}
         sigma = t[:, None, None, None]
         eps = self.diffusion_model(
             x / (sigma**2 + 1.0) ** 0.5,
@@ -106,6 +108,16 @@ class UnetPatcher:
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def set_model_patch(self, patch, name):
+        patches = self.model_options["transformer_options"].setdefault("patches", {})
+        patches[name] = [*patches.get(name, []), patch]  # a new list, as hosts do
+
+    def set_model_input_block_patch(self, patch):
+        self.set_model_patch(patch, "input_block_patch")
+
+    def set_model_output_block_patch(self, patch):
+        self.set_model_patch(patch, "output_block_patch")
 
     def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
         options = self.model_options["transformer_options"]
@@ -406,3 +418,28 @@ def make_processing(kind: str, unet: UNetModel, attn_precision=None) -> Processi
     p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
     p.sampler = Sampler(CFGDenoiser(kind, p))
     return p
+
+
+def deep_shrink(patcher: UnetPatcher, block_number: int, factor: float) -> UnetPatcher:
+    """Kohya HRFix / Deep Shrink as the Forge family's built-in applies it (new Forge dfdcbab
+    ``extensions-builtin/sd_forge_kohya_hrfix/scripts/kohya_hrfix.py``: a clone with an
+    ``input_block_patch`` that resizes input block ``block_number``'s output to
+    ``round(side / factor)`` per axis, and an ``output_block_patch`` that resizes ``h`` back to the
+    skip's size when they differ).  Always on here (the built-in has a sigma window), bicubic both
+    ways (its default methods)."""
+
+    def input_block_patch(h, transformer_options):
+        if transformer_options["block"][1] == block_number:
+            size = (round(h.shape[-2] / factor), round(h.shape[-1] / factor))
+            h = torch.nn.functional.interpolate(h, size=size, mode="bicubic", align_corners=False)
+        return h
+
+    def output_block_patch(h, hsp, transformer_options):
+        if h.shape[-2:] != hsp.shape[-2:]:
+            h = torch.nn.functional.interpolate(h, size=hsp.shape[-2:], mode="bicubic", align_corners=False)
+        return h, hsp
+
+    clone = patcher.clone()
+    clone.set_model_input_block_patch(input_block_patch)
+    clone.set_model_output_block_patch(output_block_patch)
+    return clone

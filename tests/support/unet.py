@@ -17,7 +17,13 @@ Two calling conventions, as the hosts have them:
   ``n_heads``, ``dim_head``, ``block``, ``block_index``, ``transformer_index``, ``original_shape``,
   and, as reForge does, ``activations_shape``.  ``control`` (ControlNet residuals, a dict of lists)
   is applied as ``ldm_patched``'s ``apply_control``: after each input block, after the middle block
-  and to each skip taken by an output block, popping from the end of the list.
+  and to each skip taken by an output block, popping from the end of the list.  As in classic Forge
+  (``ldm_patched/ldm/modules/diffusionmodules/openaimodel.py`` ``UNetModel.forward``, tag
+  ``previous``) and new Forge (dfdcbab ``backend/nn/unet.py`` :696-765): ``block_modifiers`` are
+  called ``(h, "before"|"after", transformer_options)`` around every block, with ``block`` set;
+  ``patches["input_block_patch"]`` ``(h, options)`` after each input block's control, before its
+  skip is stored (``input_block_patch_after_skip`` after); ``patches["output_block_patch"]``
+  ``(h, hsp, options)`` before each output block's concatenation (Deep Shrink uses these).
 The sizes are configurable, so the same tree builds full SD1.5 and SDXL UNets for benchmarks.
 """
 
@@ -284,15 +290,45 @@ class UNetModel(nn.Module):
         skips = []
         h = x
         for block_id, block in enumerate(self.input_blocks):
-            h = _apply_control(block(h, emb, context, _at(options, ("input", block_id))), control, "input")
+            block_options = _at(options, ("input", block_id))
+            h = _run_block(block, h, emb, context, block_options, control, "input")
+            h = _apply_patches(block_options, "input_block_patch", h)
             skips.append(h)
-        h = _apply_control(self.middle_block(h, emb, context, _at(options, ("middle", 0))), control, "middle")
+            h = _apply_patches(block_options, "input_block_patch_after_skip", h)
+        h = _run_block(self.middle_block, h, emb, context, _at(options, ("middle", 0)), control, "middle")
         for block_id, block in enumerate(self.output_blocks):
+            block_options = _at(options, ("output", block_id))
             skip = _apply_control(skips.pop(), control, "output")
+            for patch in _patches(block_options, "output_block_patch"):
+                h, skip = patch(h, skip, block_options)
             if h.shape[-2:] != skip.shape[-2:]:
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), emb, context, _at(options, ("output", block_id)))
+            h = _run_block(block, torch.cat([h, skip], dim=1), emb, context, block_options)
         return self.out(h)
+
+
+def _run_block(block, h, emb, context, options: dict | None, control=None, control_name=None) -> torch.Tensor:
+    """A block, its ControlNet residual, and the Forge hosts' ``block_modifiers`` around both."""
+    modifiers = (options or {}).get("block_modifiers") or ()
+    for modifier in modifiers:
+        h = modifier(h, "before", options)
+    h = block(h, emb, context, options)
+    if control_name is not None:
+        h = _apply_control(h, control, control_name)
+    for modifier in modifiers:
+        h = modifier(h, "after", options)
+    return h
+
+
+def _patches(options: dict | None, name: str) -> list:
+    return ((options or {}).get("patches") or {}).get(name) or []
+
+
+def _apply_patches(options: dict | None, name: str, h: torch.Tensor) -> torch.Tensor:
+    """``input_block_patch`` / ``input_block_patch_after_skip`` entries, called ``(h, options)``."""
+    for patch in _patches(options, name):
+        h = patch(h, options)
+    return h
 
 
 def _apply_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
