@@ -22,6 +22,7 @@ from tests.support import forge_host as host
 from tests.support import slow_seg
 from tests.support.tolerance import assert_network_close, max_abs
 from tests.support.unet import TINY_SD1, TINY_SDXL, SpatialTransformer, build_unet
+from tests.test_forge_adapter import make_inputs
 
 F64 = torch.float64
 SHRUNK_BLOCK = 1  # the output of input block 1 (after the first attention level) is shrunk
@@ -36,18 +37,6 @@ def sd1():
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def make_inputs(config, height, width, images=2, tokens=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def entry():
-        model_conds = {"c_crossattn": torch.randn(images, tokens, config.context_dim, generator=g, dtype=F64)}
-        if config.adm_in_channels:
-            model_conds["y"] = torch.randn(images, config.adm_in_channels, generator=g, dtype=F64)
-        return {"model_conds": model_conds, "strength": 1.0}
-
-    return torch.randn(images, 4, height, width, generator=g, dtype=F64), [entry()], [entry()]
 
 
 SIGMAS = torch.tensor([2.5, 0.0], dtype=F64)
@@ -91,7 +80,7 @@ def test_every_blurred_layer_gets_its_true_grid(sd1, monkeypatch, caplog, kind, 
     seen, handles = spatial_transformer_grids(sd1)
     try:
         with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
-            sample(p, make_inputs(sd1.config, height, width))
+            sample(p, make_inputs(sd1.config, height=height, width=width))
     finally:
         for handle in handles:
             handle.remove()
@@ -121,7 +110,7 @@ def slow_expected(unet, patcher, inputs, baseline, spec, sigma, scale, sigma_t=2
 def test_deep_shrink_with_finite_sigma_matches_the_slow_path(sd1, monkeypatch, kind, batch_rows, model):
     host.install(monkeypatch, kind)
     unet = sd1 if model == "sd1" else build_unet(TINY_SDXL, seed=2, dtype=F64)
-    inputs = make_inputs(unet.config, 13, 9)
+    inputs = make_inputs(unet.config, height=13, width=9)
     (baseline,) = sample(shrunk_processing(kind, unet, 2.0), inputs)
     p = shrunk_processing(kind, unet, 2.0)
     shrunk_patcher = p.sd_model.forge_objects.unet
