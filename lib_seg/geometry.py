@@ -3,8 +3,10 @@
 The UNet halves its feature map with stride-2 convolutions (kernel 3, padding 1), so each level is
 ``ceil(previous / 2)`` of the latent, never ``pixels / 8 / 2**level`` rounded some other way.  Peers
 that guess the grid from the image's aspect ratio get odd sizes (e.g. 1000x600 px) wrong; walking the
-real chain from the latent size is exact.  Anything that changes the token count on the way (token
-merging, HyperTile, Deep Shrink) makes no level match, and the caller skips the blur for that layer.
+real chain from the latent size is exact.  It is the fallback for hosts that tell no grid: where the
+real map is known (A1111's SpatialTransformer input, reForge's ``activations_shape``, the Forge
+block modifier) that is used, so resized maps (Deep Shrink) stay exact.  A token count that no level
+has gives None, and the caller leaves that layer unblurred.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ Used where the host runs the original ldm/sgm attention classes (AUTOMATIC1111).
 optimisation there starts with ``self.to_q(x)``, and class-level ``forward`` patches are replaced on
 each model load, so a forward hook on the ``to_q`` Linear is the one point all of them share.  The
 token grid is recorded from the ``SpatialTransformer``'s input ``[B, C, H, W]`` in the same call,
-which is exact even where sides are odd or another extension resized the map; when the query count
-differs from H*W (HyperTile tiles, token merging) the layer is left alone and ``on_skip`` is told.
+which is exact even where sides are odd or another extension resized the map (Deep Shrink).  When tomesd merged
+the layer's tokens (A1111's token merging) the queries are blurred on the full grid and merged as the
+host merges them (:mod:`lib_seg.token_merging`, from the block input recorded by a pre-hook); any
+other query count that differs from H*W (HyperTile tiles) leaves the layer alone and
+``on_skip`` is told.
 
 Hooks exist only inside the ``with`` block and are removed in ``finally``: nothing outlives the
 SEG pass, whatever it raises.
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import token_merging
 from .blur import blur_queries
 from .layers import LayerKey, format_layers
 
@@ -53,8 +57,8 @@ def skip_warner() -> SkipCallback:
         warned.add(key)
         block = f" (its block's map is {grid[0]}x{grid[1]})" if grid else ""
         log.warning(
-            "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile, token merging, "
-            "Deep Shrink?); its queries are left unblurred",
+            "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile tiles, "
+            "random token merging?); its queries are left unblurred",
             format_layers([key]),
             n_tokens,
             block,
@@ -70,8 +74,13 @@ def spatial_transformer_name(key: LayerKey) -> str:
     return f"{key.part}_blocks.{key.block}.1"
 
 
+def transformer_block_name(key: LayerKey) -> str:
+    """Module name of the BasicTransformerBlock that owns ``key``'s attn1."""
+    return f"{spatial_transformer_name(key)}.transformer_blocks.{key.transformer}"
+
+
 def attn1_name(key: LayerKey) -> str:
-    return f"{spatial_transformer_name(key)}.transformer_blocks.{key.transformer}.attn1"
+    return f"{transformer_block_name(key)}.attn1"
 
 
 def _record_grid(grid: dict[str, tuple[int, int]]):
@@ -81,16 +90,31 @@ def _record_grid(grid: dict[str, tuple[int, int]]):
     return pre_hook
 
 
-def _blur_output(key: LayerKey, grid: dict, sigma: float, rows: slice | None, on_skip: SkipCallback | None):
-    def hook(_module: nn.Module, _args: tuple, q: torch.Tensor) -> torch.Tensor | None:
+def _blur_output(
+    key: LayerKey,
+    grid: dict,
+    sigma: float,
+    rows: slice | None,
+    on_skip: SkipCallback | None,
+    block: nn.Module | None = None,
+    block_input: dict | None = None,
+):
+    def hook(to_q: nn.Module, _args: tuple, q: torch.Tensor) -> torch.Tensor | None:
         height, width = grid.get("hw", (0, 0))
-        if q.dim() != 3 or q.shape[1] != height * width:
+        if q.dim() == 3 and q.shape[1] == height * width:
+            blurred = blur_queries(q if rows is None else q[rows], height, width, sigma)
+        elif q.dim() == 3 and block is not None and block_input is not None:  # tomesd merged the tokens
+            x = block_input.get("x")
+            blurred = token_merging.merged_blurred_queries(block, to_q, x, q, height, width, sigma, rows)
+        else:
+            blurred = None
+        if blurred is None:
             if on_skip is not None:
                 on_skip(key, q.shape[1] if q.dim() == 3 else -1, grid.get("hw"))
             return None
         if rows is None:
-            return blur_queries(q, height, width, sigma)
-        q[rows] = blur_queries(q[rows], height, width, sigma)  # q is to_q's fresh output: write in place
+            return blurred
+        q[rows] = blurred  # q is to_q's fresh output: write in place
         return q
 
     return hook
@@ -116,7 +140,13 @@ def blurred_queries(
             if st_name not in grids:
                 grids[st_name] = {}
                 handles.append(modules[st_name].register_forward_pre_hook(_record_grid(grids[st_name])))
-            hook = _blur_output(key, grids[st_name], sigma, rows, on_skip)
+            block, block_input = modules.get(transformer_block_name(key)), None
+            if block is not None and token_merging.tome_info(block) is not None:
+                block_input = {}
+                handles.append(
+                    block.register_forward_pre_hook(token_merging.input_recorder(block_input), with_kwargs=True)
+                )
+            hook = _blur_output(key, grids[st_name], sigma, rows, on_skip, block, block_input)
             handles.append(modules[q_name].register_forward_hook(hook))
         yield
     finally:

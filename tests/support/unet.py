@@ -109,26 +109,42 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
+    """ldm's ``ldm/modules/attention.py`` ``BasicTransformerBlock`` (Stability's stablediffusion repo
+    that A1111 1.10 uses; sgm's copy is the same): ``forward(x, context=None)`` hands ``(x, context)``
+    to ``_forward`` (through ``checkpoint``, a plain call at inference), which is what tomesd's
+    ``ToMeBlock`` overrides.  ``ldm_patched``/``backend`` (Forge, reForge) pass
+    ``transformer_options`` on as a third argument; only that path looks for attn1 patches."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
         self.n_heads, self.d_head = heads, dim_head
+        self.disable_self_attn = False
         self.attn1 = CrossAttention(dim, None, heads, dim_head)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, transformer_options: dict | None = None
+    ) -> torch.Tensor:
+        if transformer_options is None:
+            return self._forward(x, context)
+        return self._forward(x, context, transformer_options)
+
+    def _forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, transformer_options: dict | None = None
+    ) -> torch.Tensor:
         n = self.norm1(x)
         patch = _attn1_replace(transformer_options)
         if patch is None:
-            n = self.attn1(n)
+            n = self.attn1(n, context=context if self.disable_self_attn else None)
         else:
             extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
             extra.update(n_heads=self.n_heads, dim_head=self.d_head)
             q, k, v = self.attn1.to_q(n), self.attn1.to_k(n), self.attn1.to_v(n)
             n = self.attn1.to_out(patch(q, k, v, extra))
         x = n + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -167,9 +183,11 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x)
         options = None if transformer_options is None else {**transformer_options, "activations_shape": [b, c, h, w]}
         for index, block in enumerate(self.transformer_blocks):
-            if options is not None:
+            if options is None:
+                x = block(x, context=context)  # ldm's SpatialTransformer: block(x, context=context[i])
+            else:
                 options["block_index"] = index
-            x = block(x, context, options)
+                x = block(x, context=context, transformer_options=options)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
