@@ -49,3 +49,24 @@ def test_deep_shrink_blurs_the_shrunk_layers(api, alwayson_titles, server_log, f
     log = server_log.since(mark)
     if log is not None:
         assert "unblurred" not in log, log
+
+
+def test_token_merging_blurs_the_merged_layers(api, alwayson_titles, model_layers, server_log):
+    """A1111's token merging (tomesd, ratio 0.5) merges the tokens of SD1.x's full-size layers (d1,
+    d2, u9-u11).  SEG on d1 alone, finite sigma, must change the image against token merging alone and
+    print no "left unblurred" warning."""
+    if KOHYA.lower() in alwayson_titles:
+        pytest.skip("the Forge family does not apply A1111's tomesd token merging")
+    if "d1" not in model_layers:
+        pytest.skip("this model has no attention at full latent size (SDXL): token merging touches no SEG layer")
+    status, body = api.post("/sdapi/v1/options", {"token_merging_ratio": 0.0})  # so the override is undone
+    assert status == 200, body
+    merged = {"override_settings": {"token_merging_ratio": 0.5}, "override_settings_restore_afterwards": True}
+    alone = txt2img(api, **merged)
+    mark = server_log.mark()
+    with_seg = txt2img(api, [{"layers": "d1", "blur_sigma": 2, "scale": 10}], **merged)
+    assert not same(with_seg["images"][0], alone["images"][0])
+    assert not same(alone["images"][0], txt2img(api)["images"][0])  # token merging really was on
+    log = server_log.since(mark)
+    if log is not None:
+        assert "unblurred" not in log, log
