@@ -70,7 +70,13 @@ def sort_key(key: LayerKey) -> tuple[int, int, int]:
     return PARTS.index(key.part), key.block, key.transformer
 
 
-def _range(first: str, last: str | None) -> range:
+def spec_items(spec: str) -> list[str]:
+    """The comma-separated items of a spec, stripped and lower-cased (specs are case-insensitive)."""
+    return [item.strip().lower() for item in str(spec).split(",") if item.strip()]
+
+
+def index_range(first: str, last: str | None) -> range:
+    """Inclusive range ``first-last`` of a spec item (``last`` None: the one index)."""
     low, high = int(first), int(last) if last is not None else int(first)
     if low > high:
         raise ValueError(f"range {low}-{high} is empty (write the smaller index first)")
@@ -92,8 +98,8 @@ def _select(item: str, available: tuple[LayerKey, ...]) -> list[LayerKey]:
         )
     letter, block_lo, block_hi, tr_lo, tr_hi = match.groups()
     part = PART_LETTERS[letter]
-    blocks = _range(block_lo, block_hi)
-    transformers = _range(tr_lo, tr_hi) if tr_lo is not None else None
+    blocks = index_range(block_lo, block_hi)
+    transformers = index_range(tr_lo, tr_hi) if tr_lo is not None else None
     chosen = [
         key
         for key in available
@@ -124,7 +130,7 @@ def resolve_layers(spec: str, available: Iterable[LayerKey]) -> tuple[LayerKey, 
         if not available:
             raise ValueError("SEG layers: this model has no self-attention layers SEG can blur")
         return tuple(sorted(set(official_layers.resolve_official(spec, available)), key=sort_key))
-    items = [item.strip().lower() for item in str(spec).split(",") if item.strip()]
+    items = spec_items(spec)
     if not items:
         raise ValueError("SEG layers: the layer list is empty; use e.g. 'middle' or 'm0'")
     if not available:
@@ -133,7 +139,8 @@ def resolve_layers(spec: str, available: Iterable[LayerKey]) -> tuple[LayerKey, 
     return tuple(sorted(chosen, key=sort_key))
 
 
-def _compress(numbers: list[int]) -> list[str]:
+def compress_runs(numbers: Iterable[int]) -> list[str]:
+    """Sorted runs of consecutive numbers, written ``3`` or ``4-9``."""
     runs: list[list[int]] = []
     for number in sorted(numbers):
         if runs and number == runs[-1][1] + 1:
@@ -158,7 +165,7 @@ def format_layers(keys: Iterable[LayerKey], available: Iterable[LayerKey] | None
         if whole.get((part, block)) == set(transformers):
             items.append(prefix)
         else:
-            items.extend(f"{prefix}.{run}" for run in _compress(transformers))
+            items.extend(f"{prefix}.{run}" for run in compress_runs(transformers))
     return ",".join(items)
 
 
@@ -190,7 +197,7 @@ def check_spec_syntax(spec: str) -> str:
     """Normalise a spec's spelling (lower case, no spaces) and reject what no model could accept."""
     if official_layers.is_official_spec(spec):
         return official_layers.normalise(spec)
-    items = [item.strip().lower() for item in str(spec).split(",") if item.strip()]
+    items = spec_items(spec)
     if not items:
         raise ValueError("SEG layers: the layer list is empty; use e.g. 'middle' or 'm0'")
     for item in items:
@@ -199,9 +206,9 @@ def check_spec_syntax(spec: str) -> str:
             if match is None:
                 _select(item, ())  # raises the descriptive syntax error
             _, block_lo, block_hi, tr_lo, tr_hi = match.groups()
-            _range(block_lo, block_hi)
+            index_range(block_lo, block_hi)
             if tr_lo is not None:
-                _range(tr_lo, tr_hi)
+                index_range(tr_lo, tr_hi)
     return ",".join(PRESET_ALIASES.get(item, item) for item in items)
 
 

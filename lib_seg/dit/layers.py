@@ -1,0 +1,162 @@
+"""Which DiT blocks SEG blurs, and how a user names them.
+
+A block is ``(kind, index)``: Flux/Chroma have ``double``-stream blocks (``d0``-``d18``, separate
+image and text weights, joint attention) and ``single``-stream blocks (``s0``-``s37``, one joint
+sequence); SD3/SD3.5 MMDiT have ``joint`` blocks (``j0``-``j23`` Medium, ``j0``-``j37`` 3.5 Large).
+Indices are the hosts' ``double_blocks[i]`` / ``single_blocks[i]`` / ``joint_blocks[i]`` (and
+reForge's ``patches_replace["dit"][("double_block", i)]`` keys).  Note that ``d`` here is a
+double-stream block, not a UNet down block: DiT specs are a separate namespace.
+
+A spec is a comma-separated, case-insensitive list of presets (``double``, ``single``, ``joint``,
+``all``) and items (``d7``, ranges inclusive ``d7-9``).  It is checked against the blocks the loaded
+model really has (the adapter passes the counts it finds), and an error names the field and lists
+them, as :mod:`lib_seg.layers` does for UNets (whose spec helpers are reused).
+
+Defaults (:func:`default_layer_spec`) follow the only published DiT layer choices, from perturbed-
+or skipped-layer guidance (research notes ``/work/notes-dit/report.md`` section 4):
+
+* SD3/SD3.5 ``j7-9``: Stability's skip-layer guidance for SD3.5 Medium uses layers 7, 8, 9
+  (``Stability-AI/sd3.5`` ``sd3_infer.py:509-518``); ComfyUI's ``SkipLayerGuidanceSD3`` defaults to
+  "7, 8, 9"; diffusers' SLG and SEG guiders recommend ``[7, 8, 9]`` for SD3.5 Medium (its SEG guider
+  itself has no default).  The same is used for SD3 Medium and SD3.5 Large, untuned.
+* Flux/Chroma ``d7-9,s7-9``: ComfyUI's ``SkipLayerGuidanceDiT`` default (double "7, 8, 9", single
+  "7, 8, 9", ``comfy_extras/nodes_slg.py:24-28``).  No published Flux SEG or PAG default exists.
+
+No real DiT weights were available while writing this, so none of these was tuned for SEG; they are
+starting points that users are expected to adjust.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from ..layers import compress_runs, index_range, spec_items
+
+KINDS = ("double", "single", "joint")
+KIND_OF_LETTER = {"d": "double", "s": "single", "j": "joint"}
+LETTER_OF_KIND = {kind: letter for letter, kind in KIND_OF_LETTER.items()}
+PRESETS: dict[str, tuple[str, ...]] = {"double": ("double",), "single": ("single",), "joint": ("joint",), "all": KINDS}
+_ITEM = re.compile(r"^([dsj])(\d+)(?:-(\d+))?$")
+
+# Block counts of the released models (double, single, joint).
+MODEL_BLOCKS: dict[str, tuple[int, int, int]] = {
+    "flux": (19, 38, 0),
+    "chroma": (19, 38, 0),
+    "sd3": (0, 0, 24),
+    "sd3.5-medium": (0, 0, 24),
+    "sd3.5-large": (0, 0, 38),
+}
+DEFAULT_SPECS = {
+    "flux": "d7-9,s7-9",
+    "chroma": "d7-9,s7-9",
+    "sd3": "j7-9",
+    "sd3.5-medium": "j7-9",
+    "sd3.5-large": "j7-9",
+}
+
+
+class DitLayer(NamedTuple):
+    kind: str
+    index: int
+
+
+def model_layers(double: int = 0, single: int = 0, joint: int = 0) -> tuple[DitLayer, ...]:
+    """All blocks of a model with these block counts, in spec order (double, single, joint)."""
+    counts = {"double": double, "single": single, "joint": joint}
+    for kind, count in counts.items():
+        if int(count) < 0:
+            raise ValueError(f"{kind} block count must be >= 0, got {count}")
+    return tuple(DitLayer(kind, i) for kind in KINDS for i in range(int(counts[kind])))
+
+
+def family_layers(family: str) -> tuple[DitLayer, ...]:
+    """Blocks of a released model family (``flux``, ``chroma``, ``sd3``, ``sd3.5-medium``, ``sd3.5-large``)."""
+    if family not in MODEL_BLOCKS:
+        raise ValueError(f"unknown DiT family {family!r}; known: {', '.join(MODEL_BLOCKS)}")
+    return model_layers(*MODEL_BLOCKS[family])
+
+
+def default_layer_spec(family: str) -> str:
+    """The default blocks per family; see the module docstring for the evidence (and its limits)."""
+    family_layers(family)  # unknown family: the same error
+    return DEFAULT_SPECS[family]
+
+
+def sort_key(layer: DitLayer) -> tuple[int, int]:
+    return KINDS.index(layer.kind), layer.index
+
+
+def format_layers(layers: Iterable[DitLayer]) -> str:
+    """Canonical spec of ``layers``: consecutive indices as ranges, ``d7-9,s7-9``."""
+    per_kind: dict[str, list[int]] = {}
+    for layer in sorted(set(layers), key=sort_key):
+        per_kind.setdefault(layer.kind, []).append(layer.index)
+    return ",".join(
+        f"{LETTER_OF_KIND[kind]}{run}" for kind, indices in per_kind.items() for run in compress_runs(indices)
+    )
+
+
+def _syntax_error(item: str) -> ValueError:
+    return ValueError(
+        f"SEG layers: cannot read {item!r}; use presets {', '.join(PRESETS)} or blocks like d7, d7-9, s0-37, j7-9"
+    )
+
+
+def _missing(item: str, available: tuple[DitLayer, ...]) -> ValueError:
+    return ValueError(f"SEG layers: {item!r} names blocks this model does not have; it has {format_layers(available)}")
+
+
+def _parse(item: str) -> tuple[str, range] | None:
+    """``(kind, indices)`` of a block item, None for a preset; raises on anything else."""
+    if item in PRESETS:
+        return None
+    match = _ITEM.match(item)
+    if match is None:
+        raise _syntax_error(item)
+    letter, low, high = match.groups()
+    try:
+        return KIND_OF_LETTER[letter], index_range(low, high)
+    except ValueError as error:
+        raise ValueError(f"SEG layers: {error}") from None
+
+
+def _select(item: str, available: tuple[DitLayer, ...]) -> list[DitLayer]:
+    parsed = _parse(item)
+    if parsed is None:
+        chosen = [layer for layer in available if layer.kind in PRESETS[item]]
+    else:
+        kind, indices = parsed
+        wanted = [DitLayer(kind, i) for i in indices]
+        chosen = wanted if set(wanted) <= set(available) else []
+    if not chosen:
+        raise _missing(item, available)
+    return chosen
+
+
+def check_spec_syntax(spec: str) -> str:
+    """Normalise a spec's spelling (lower case, no spaces) and reject what no model could accept."""
+    items = spec_items(spec)
+    if not items:
+        raise ValueError("SEG layers: the block list is empty; use e.g. 'd7-9,s7-9' or 'j7-9'")
+    for item in items:
+        _parse(item)
+    return ",".join(items)
+
+
+def resolve_layers(spec: str, available: Iterable[DitLayer]) -> tuple[DitLayer, ...]:
+    """Blocks a spec selects on a model with ``available`` blocks (sorted, unique)."""
+    items = check_spec_syntax(spec).split(",")
+    available = tuple(sorted(set(available), key=sort_key))
+    if not available:
+        raise ValueError("SEG layers: this model has no transformer blocks SEG can blur")
+    chosen = {layer for item in items for layer in _select(item, available)}
+    return tuple(sorted(chosen, key=sort_key))
+
+
+def canonical_spec(spec: str, available: Iterable[DitLayer]) -> str:
+    """What infotext records: a lone preset keeps its name, anything else becomes explicit blocks."""
+    normal = check_spec_syntax(spec)
+    chosen = resolve_layers(normal, available)
+    return normal if normal in PRESETS else format_layers(chosen)

@@ -1,0 +1,120 @@
+"""lib_seg.dit.layers: DiT block specs, presets, ranges, validation against the model's blocks."""
+
+import pytest
+
+from lib_seg.dit.layers import (
+    MODEL_BLOCKS,
+    DitLayer,
+    canonical_spec,
+    check_spec_syntax,
+    default_layer_spec,
+    family_layers,
+    format_layers,
+    model_layers,
+    resolve_layers,
+)
+
+FLUX, SD35M, SD35L = family_layers("flux"), family_layers("sd3.5-medium"), family_layers("sd3.5-large")
+
+
+def d(*indices):
+    return tuple(DitLayer("double", i) for i in indices)
+
+
+def s(*indices):
+    return tuple(DitLayer("single", i) for i in indices)
+
+
+def j(*indices):
+    return tuple(DitLayer("joint", i) for i in indices)
+
+
+def test_model_layers_and_families():
+    assert FLUX == d(*range(19)) + s(*range(38))
+    assert family_layers("chroma") == FLUX
+    assert SD35M == j(*range(24)) and family_layers("sd3") == SD35M and SD35L == j(*range(38))
+    assert model_layers(double=2, joint=1) == (*d(0, 1), *j(0))
+    with pytest.raises(ValueError, match="single block count"):
+        model_layers(single=-1)
+    with pytest.raises(ValueError, match="unknown DiT family 'sdxl'"):
+        family_layers("sdxl")
+
+
+def test_presets():
+    assert resolve_layers("double", FLUX) == d(*range(19))
+    assert resolve_layers("single", FLUX) == s(*range(38))
+    assert resolve_layers("all", FLUX) == FLUX
+    assert resolve_layers("joint", SD35L) == SD35L == resolve_layers("ALL", SD35L)
+
+
+def test_items_ranges_lists_case_and_spaces():
+    assert resolve_layers("d7-9", FLUX) == d(7, 8, 9)
+    assert resolve_layers(" S37 , d0 ", FLUX) == (*d(0), *s(37))
+    assert resolve_layers("s9,s7-8,d7-9,s8", FLUX) == (*d(7, 8, 9), *s(7, 8, 9))  # sorted, unique
+    assert resolve_layers("double,d3", FLUX) == d(*range(19))
+    assert resolve_layers("j7-9", SD35M) == j(7, 8, 9)
+    assert resolve_layers("j0-37", SD35L) == SD35L
+
+
+@pytest.mark.parametrize("spec", ["d19", "s30-38", "j0", "joint", "d18-19"])
+def test_flux_errors_list_its_blocks(spec):
+    with pytest.raises(ValueError, match=r"^SEG layers: .* names blocks this model does not have; it has d0-18,s0-37$"):
+        resolve_layers(spec, FLUX)
+
+
+@pytest.mark.parametrize("spec", ["j24", "d7", "single", "double,j1"])
+def test_sd3_errors_list_its_blocks(spec):
+    with pytest.raises(ValueError, match=r"does not have; it has j0-23$"):
+        resolve_layers(spec, SD35M)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("", "SEG layers: the block list is empty"),
+        (" , ", "SEG layers: the block list is empty"),
+        ("m0", "SEG layers: cannot read 'm0'; use presets double, single, joint, all"),
+        ("d", "cannot read 'd'"),
+        ("d7.2", "cannot read"),
+        ("d-1", "cannot read"),
+        ("middle", "cannot read 'middle'"),
+        ("d9-7", "SEG layers: range 9-7 is empty"),
+    ],
+)
+def test_syntax_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        check_spec_syntax(spec)
+    with pytest.raises(ValueError, match=match):
+        resolve_layers(spec, FLUX)
+
+
+def test_model_without_blocks():
+    with pytest.raises(ValueError, match="SEG layers: this model has no transformer blocks"):
+        resolve_layers("all", ())
+
+
+def test_format_and_round_trip():
+    assert format_layers(d(7, 8, 9) + s(7, 8, 9)) == "d7-9,s7-9"
+    assert format_layers((*j(3), *j(1), *j(2), *j(5))) == "j1-3,j5"
+    for spec in ["d0,d2-4,s37", "all", "single", "d18,s0-1"]:
+        layers = resolve_layers(spec, FLUX)
+        assert resolve_layers(format_layers(layers), FLUX) == layers
+
+
+def test_canonical_spec():
+    assert check_spec_syntax(" D7-9 , Single ") == "d7-9,single"
+    assert canonical_spec("Double", FLUX) == "double"
+    assert canonical_spec("d9,d8,d7, s7-9", FLUX) == "d7-9,s7-9"
+    with pytest.raises(ValueError, match="does not have"):
+        canonical_spec("joint", FLUX)
+
+
+@pytest.mark.parametrize("family", list(MODEL_BLOCKS))
+def test_defaults_resolve_on_their_family(family):
+    layers = resolve_layers(default_layer_spec(family), family_layers(family))
+    if family in ("flux", "chroma"):
+        assert layers == (*d(7, 8, 9), *s(7, 8, 9))  # ComfyUI SkipLayerGuidanceDiT default
+    else:
+        assert layers == j(7, 8, 9)  # Stability's SD3.5-M skip-layer guidance layers
+    with pytest.raises(ValueError, match="unknown DiT family"):
+        default_layer_spec("sd1")

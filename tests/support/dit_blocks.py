@@ -1,0 +1,208 @@
+"""Small from-scratch DiT blocks with the hosts' attention math, for testing lib_seg.dit.
+
+Written from the structure described in ``/work/notes-dit/report.md`` (no host code copied):
+
+* :class:`DoubleStreamBlock`: Flux/Chroma double-stream block (Forge ``backend/nn/flux.py:206-264``,
+  reForge ``flux/layers.py:162-208``): image and text streams each modulate, project to q/k/v
+  ``(B, heads, L, D)`` and QK-norm (RMSNorm) their own q/k; the sequence is ``cat(txt, img)``;
+  ``attention()`` applies RoPE to q and k, then fused attention (Forge ``flux.py:15-18``, reForge
+  ``flux/math.py:9-21``); the output is split back into the streams.
+* :class:`SingleStreamBlock`: Flux/Chroma single-stream block (Forge ``flux.py:283-307``, reForge
+  ``flux/layers.py:247-261``): one joint sequence, one ``linear1`` for qkv and MLP, QK-norm on all
+  tokens, RoPE, attention, ``linear2`` over ``cat(attention, gelu(mlp))``.
+* :class:`JointBlock`: SD3/SD3.5 MMDiT joint block (Forge ``backend/nn/mmditx.py:323-329, 636-692``,
+  A1111 ``modules/models/sd3/mmdit.py:221-232, 411-430``): context and image blocks project q/k/v
+  ``(B, L, heads, D)``, ``ln_q``/``ln_k`` (RMSNorm, or Identity as in A1111's SD3), reshape to
+  ``(B, L, heads*D)``, concatenate context first; no RoPE.
+
+:class:`Hooks` exposes the hook points a host adapter has: the QK-norm (``ln_q``) output, the q
+entering attention, and (for the slow reference) the pre-softmax logits; setting ``logits`` makes the
+block compute attention explicitly (softmax of the logits) instead of through the fused kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Hook = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Hooks:
+    q_norm: Hook | None = None  # Flux: QK-norm output (image q of a double block, joint q of a single one),
+    # before RoPE; MMDiT: the image block's ln_q output (B, L_img, heads, D)
+    attention_q: Hook | None = None  # q as it enters attention: Flux (B, heads, L, D) after RoPE; MMDiT (B, L, heads*D)
+    logits: Hook | None = None  # pre-softmax logits (B, heads, L, L); when set, attention is computed explicitly
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)  # q, k, v as they entered attention
+
+
+def _hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
+    return x if hook is None else hook(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+    """Attention over (B, heads, L, D): the fused kernel, or softmax(hooks.logits(q k^T / sqrt D)) v."""
+    hooks.seen.update(q=q, k=k, v=v)
+    if hooks.logits is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    logits = hooks.logits(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5)
+    return torch.softmax(logits, dim=-1) @ v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(1.0 + 0.1 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+
+
+def rope_rotations(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> torch.Tensor:
+    """Flux's ``pe`` for position ids (B, L, axes): (B, 1, L, D/2, 2, 2) rotation matrices, axis by axis."""
+    blocks = []
+    for axis, dim in enumerate(axes_dim):
+        omega = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angle = ids[..., axis, None].double() * omega  # (B, L, dim/2)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        blocks.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))
+    return torch.cat(blocks, dim=-3).unsqueeze(1)
+
+
+def rope_complex(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """RoPE as complex multiplication: channel pair (a, b) is a + ib, times e^{i angle} read off ``pe``."""
+    turn = torch.complex(pe[..., 0, 0], pe[..., 1, 0])
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+
+
+def token_ids(n_txt: int, h_len: int, w_len: int, n_extra: int = 0, batch: int = 1) -> torch.Tensor:
+    """Position ids of ``[txt | img | extra]``: text at 0, image (0, row, col), extra (1, row, col)."""
+    rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    extra = torch.stack([torch.ones(n_extra), torch.arange(n_extra) // 2, torch.arange(n_extra) % 2], dim=-1)
+    ids = torch.cat([torch.zeros(n_txt, 3), image.double(), extra.double()])
+    return ids.double().expand(batch, -1, -1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+
+
+def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, 3*heads*D) -> three (B, heads, L, D)."""
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+class _Stream(nn.Module):
+    """One stream of a double block: modulation, qkv, QK-norm, output projection and MLP."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.Linear(hidden, 6 * hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.q_norm, self.k_norm = RMSNorm(hidden // heads), RMSNorm(hidden // heads)
+        self.proj = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
+        )
+
+    def qkv_of(self, x: torch.Tensor, vec: torch.Tensor):
+        mod = self.mod(F.silu(vec))[:, None].chunk(6, dim=-1)
+        q, k, v = _heads(self.qkv(_modulate(x, mod[0], mod[1])), self.heads)
+        return self.q_norm(q), self.k_norm(k), v, mod
+
+    def finish(self, x: torch.Tensor, attention: torch.Tensor, mod) -> torch.Tensor:
+        x = x + mod[2] * self.proj(attention)
+        return x + mod[5] * self.mlp(_modulate(x, mod[3], mod[4]))
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, hidden: int = 32, heads: int = 2):
+        super().__init__()
+        self.img, self.txt = _Stream(hidden, heads), _Stream(hidden, heads)
+
+    def forward(self, img, txt, vec, pe, hooks: Hooks | None = None):
+        hooks = hooks or Hooks()
+        img_q, img_k, img_v, img_mod = self.img.qkv_of(img, vec)
+        txt_q, txt_k, txt_v, txt_mod = self.txt.qkv_of(txt, vec)
+        img_q = _hook(hooks.q_norm, img_q)  # image-only, before RoPE
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        q = _hook(hooks.attention_q, rope_complex(q, pe))
+        out = attend(q, rope_complex(k, pe), v, hooks).transpose(1, 2).flatten(2)
+        n_txt = txt.shape[1]
+        return self.img.finish(img, out[:, n_txt:], img_mod), self.txt.finish(txt, out[:, :n_txt], txt_mod)
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, hidden: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads, self.hidden = heads, hidden
+        self.mod = nn.Linear(hidden, 3 * hidden)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * hidden)
+        self.q_norm, self.k_norm = RMSNorm(hidden // heads), RMSNorm(hidden // heads)
+        self.linear2 = nn.Linear(hidden + 2 * hidden, hidden)
+
+    def forward(self, x, vec, pe, hooks: Hooks | None = None):
+        hooks = hooks or Hooks()
+        shift, scale, gate = self.mod(F.silu(vec))[:, None].chunk(3, dim=-1)
+        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.hidden, 2 * self.hidden], dim=-1)
+        q, k, v = _heads(qkv, self.heads)
+        q = _hook(hooks.q_norm, self.q_norm(q))  # the whole joint sequence, before RoPE
+        q = _hook(hooks.attention_q, rope_complex(q, pe))
+        out = attend(q, rope_complex(self.k_norm(k), pe), v, hooks).transpose(1, 2).flatten(2)
+        return x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class _MMDiTHalf(nn.Module):
+    """MMDiT's per-stream ("dismantled") block: adaLN, qkv with ln_q/ln_k, projection and MLP."""
+
+    def __init__(self, hidden: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        self.ada = nn.Linear(hidden, 6 * hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        norm = (lambda: RMSNorm(hidden // heads)) if qk_norm else nn.Identity
+        self.ln_q, self.ln_k = norm(), norm()
+        self.proj = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
+        )
+
+    def pre_attention(self, x, c, q_hook: Hook | None):
+        mod = self.ada(F.silu(c))[:, None].chunk(6, dim=-1)
+        q, k, v = self.qkv(_modulate(x, mod[0], mod[1])).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q = _hook(q_hook, self.ln_q(q))  # (B, L, heads, D)
+        return q.flatten(2), self.ln_k(k).flatten(2), v.flatten(2), mod
+
+    def post_attention(self, x, attention, mod):
+        x = x + mod[2] * self.proj(attention)
+        return x + mod[5] * self.mlp(_modulate(x, mod[3], mod[4]))
+
+
+class JointBlock(nn.Module):
+    def __init__(self, hidden: int = 32, heads: int = 2, qk_norm: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.context_block, self.x_block = _MMDiTHalf(hidden, heads, qk_norm), _MMDiTHalf(hidden, heads, qk_norm)
+
+    def forward(self, context, x, c, hooks: Hooks | None = None):
+        hooks = hooks or Hooks()
+        ctx_q, ctx_k, ctx_v, ctx_mod = self.context_block.pre_attention(context, c, None)
+        x_q, x_k, x_v, x_mod = self.x_block.pre_attention(x, c, hooks.q_norm)
+        q = _hook(hooks.attention_q, torch.cat([ctx_q, x_q], dim=1))  # (B, L, heads*D), context first
+        k, v = torch.cat([ctx_k, x_k], dim=1), torch.cat([ctx_v, x_v], dim=1)
+        per_head = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = attend(*per_head, hooks).transpose(1, 2).flatten(2)
+        n_ctx = context.shape[1]
+        return (
+            self.context_block.post_attention(context, out[:, :n_ctx], ctx_mod),
+            self.x_block.post_attention(x, out[:, n_ctx:], x_mod),
+        )
