@@ -159,9 +159,15 @@ def test_seg_alone_and_prompts_and_unequal_lengths(api, changes):
     """CFG 1 (SEG alone), composable AND prompts, and a negative prompt longer than 75 tokens
     (cond/uncond of different lengths: the separate SEG call)."""
     plain = txt2img(api, **changes)
+    if _uniform(plain["images"][0]):  # classic Forge + random weights: a 2-chunk negative gives NaN latents
+        pytest.skip(f"the host's own image for {changes} is one flat colour without SEG: nothing to compare")
     seg = txt2img(api, [{"end": 0.7}], **changes)
     assert not same(plain["images"][0], seg["images"][0])
     assert "SEG end: 0.7" in json.loads(seg["info"])["infotexts"][0]
+
+
+def _uniform(image: str) -> bool:
+    return all(low == high for low, high in pixels(image).getextrema())
 
 
 def mean_difference(a: str, b: str) -> float:
