@@ -158,8 +158,13 @@ def test_other_samplers(api, sampler):
 def test_seg_alone_and_prompts_and_unequal_lengths(api, changes):
     """CFG 1 (SEG alone), composable AND prompts, and a negative prompt longer than 75 tokens
     (cond/uncond of different lengths: the separate SEG call)."""
-    plain = txt2img(api, **changes)
-    if _uniform(plain["images"][0]):  # classic Forge + random weights: a 2-chunk negative gives NaN latents
+    status, plain = api.post("/sdapi/v1/txt2img", {**BASE, **changes})
+    # Random checkpoints can make NaNs without SEG (a 2-chunk negative prompt on A1111 and classic
+    # Forge): the host then fails the request or returns a flat image, and there is nothing to compare.
+    if status != 200 and "NaN" in json.dumps(plain):
+        pytest.skip(f"the host's own request for {changes} fails without SEG: {plain.get('errors', plain)}")
+    assert status == 200, plain
+    if _uniform(plain["images"][0]):
         pytest.skip(f"the host's own image for {changes} is one flat colour without SEG: nothing to compare")
     seg = txt2img(api, [{"end": 0.7}], **changes)
     assert not same(plain["images"][0], seg["images"][0])
