@@ -46,9 +46,9 @@ from .forge_patches import (
     blur_for_layer,
     record_block_grid,
     sampling_progress,
+    set_block_grid_recorder,
     token_grid,
     with_attn1_replaces,
-    with_block_grid_recorder,
 )
 from .params import SegParams
 
@@ -129,7 +129,7 @@ def _install(
     ]
     if getattr(options.get("model_function_wrapper"), SEG_MARK, False):
         del options["model_function_wrapper"]
-    with_block_grid_recorder(options.setdefault("transformer_options", {}), record_block_grid if record_grid else None)
+    set_block_grid_recorder(options.setdefault("transformer_options", {}), record_grid)
     if post_cfg is not None:
         clone.set_model_sampler_post_cfg_function(post_cfg)
     if wrapper is not None and "model_function_wrapper" not in options:

@@ -68,16 +68,16 @@ def token_grid(n_tokens: int, extra_options: Mapping) -> tuple[int, int] | None:
     return geometry.token_grid(n_tokens, int(original[-2]), int(original[-1]))
 
 
-def with_block_grid_recorder(transformer_options: dict, recorder: Callable | None) -> None:
-    """Set ``block_modifiers`` to the ones there minus earlier recorders of ours, plus ``recorder``.
+def set_block_grid_recorder(transformer_options: dict, on: bool) -> None:
+    """Put :func:`record_block_grid` in ``block_modifiers`` exactly once (``on``) or not at all.
 
     A new list, as the hosts' ``append_transformer_option`` makes, so a patcher this was cloned
     from keeps its own.
     """
     existing = transformer_options.get("block_modifiers")
     kept = [modifier for modifier in existing or () if modifier is not record_block_grid]
-    if recorder is not None:
-        kept.append(recorder)
+    if on:
+        kept.append(record_block_grid)
     if kept or existing is not None:
         transformer_options["block_modifiers"] = kept
 
