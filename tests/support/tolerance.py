@@ -47,7 +47,8 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: float, wh
 
 
 def assert_network_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "outputs") -> None:
-    """Two float64 evaluations of one network function agree to :data:`FLOAT64_NETWORK_REL`."""
+    """Two float64 evaluations of one network function agree to :data:`FLOAT64_NETWORK_REL` of the
+    output's magnitude (taken as at least 1: the outputs here are x0/eps predictions of order 1)."""
     for name, tensor in (("actual", actual), ("expected", expected)):
         assert tensor.dtype == torch.float64, f"{what}: {name} is {tensor.dtype}; network comparisons run in float64"
     assert_within(actual, expected, FLOAT64_NETWORK_REL * max(max_abs(expected), 1.0), what)
