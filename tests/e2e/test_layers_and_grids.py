@@ -46,8 +46,10 @@ def test_deep_shrink_blurs_the_shrunk_layers(api, alwayson_titles, server_log, f
     seg_args = {TITLE: {"args": [{"layers": "d4", "blur_sigma": 3, "scale": 10}]}}
     with_seg = api.generate("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {**shrink, **seg_args}})
     assert not same(with_seg["images"][0], alone["images"][0])
+    every_layer = {TITLE: {"args": [{"layers": "all", "blur_sigma": 3}]}}
+    api.generate("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {**shrink, **every_layer}})
     log = server_log.since(mark)
-    if log is not None:
+    if log is not None:  # neither d4 alone nor every layer of the model was left unblurred
         assert "unblurred" not in log, log
 
 
