@@ -2,7 +2,7 @@
 
 The hosts patchify the latent into ``patch x patch`` squares (2x2 for Flux, Chroma, SD3), row-major:
 token ``r * w_len + c`` is patch row ``r``, column ``c``.  They disagree on odd latent sides
-(research notes ``/work/notes-dit/report.md`` section 0; commits Forge ``dfdcbab``, reForge ``3b56b26``,
+(``docs/dit.md``; commits Forge ``dfdcbab``, reForge ``3b56b26``,
 A1111 ``82a973c``):
 
 * pad to a multiple of the patch, ``h_len = (H + 1) // 2``: Forge 2.x Flux/Chroma (circular pad,

@@ -13,7 +13,7 @@ model really has (the adapter passes the counts it finds), and an error names th
 them, as :mod:`lib_seg.layers` does for UNets (whose spec helpers are reused).
 
 Defaults (:func:`default_layer_spec`) follow the only published DiT layer choices, from perturbed-
-or skipped-layer guidance (research notes ``/work/notes-dit/report.md`` section 4):
+or skipped-layer guidance (``docs/dit.md``, "Default layers"):
 
 * SD3/SD3.5 ``j7-9``: Stability's skip-layer guidance for SD3.5 Medium uses layers 7, 8, 9
   (``Stability-AI/sd3.5`` ``sd3_infer.py:509-518``); ComfyUI's ``SkipLayerGuidanceSD3`` defaults to

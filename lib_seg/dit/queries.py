@@ -6,7 +6,7 @@ values stay as they are.  Query ``i``'s logits are ``q_i . K^T``, linear in ``q_
 image queries blurs the image rows of the logit matrix (paper Prop. 3.1) and the host's fused
 attention kernel can run unchanged on the blurred queries.
 
-Where the queries enter the softmax differs per host (``/work/notes-dit/report.md``): MMDiT has no
+Where the queries enter the softmax differs per host (``docs/dit.md``): MMDiT has no
 RoPE, so its ``ln_q`` output ``(B, L, heads, D)`` or the reshaped ``(B, L, heads*D)`` is final
 (:func:`blur_image_queries` with ``blhd`` / ``bld``).  Flux and Chroma rotate q by RoPE inside
 ``attention()``, after QK-norm; blurring before RoPE is not the same (RoPE differs per token).  Where

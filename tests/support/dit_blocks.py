@@ -1,6 +1,6 @@
 """Small from-scratch DiT blocks with the hosts' attention math, for testing lib_seg.dit.
 
-Written from the structure described in ``/work/notes-dit/report.md`` (no host code copied):
+Written from the structure described in ``docs/dit.md`` (no host code copied):
 
 * :class:`DoubleStreamBlock`: Flux/Chroma double-stream block (Forge ``backend/nn/flux.py:206-264``,
   reForge ``flux/layers.py:162-208``): image and text streams each modulate, project to q/k/v
