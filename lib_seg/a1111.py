@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import batching, guidance, layers, query_hooks, schedule
+from . import batching, guidance, query_hooks, schedule, targets
 from .params import SegParams
 
 RUN_ATTR = "_seg_run"
@@ -40,22 +40,30 @@ WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
 ERROR_ATTR = "_seg_raises"
 
 
-diffusion_model = query_hooks.ldm_unet
-available_layers = layers.unet_layers
+def diffusion_model(sd_model: Any) -> Any:
+    """``sd_model.model.diffusion_model``: the ldm/sgm UNet, or SD3's MMDiT (``modules/models/sd3``)."""
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def query_target(sd_model: Any) -> targets.UnetTarget | None:
+    return targets.query_target(diffusion_model(sd_model))
+
+
+def layer_text(sd_model: Any, spec: str) -> str:
+    """The canonical spec infotext records for this model; raises when the model lacks the layers."""
+    return query_target(sd_model).canonical(spec)
 
 
 def unsupported_reason(sd_model: Any, custom_unet: Any = None) -> str | None:
     """Why SEG cannot run on this model (None if it can).  Such models are left untouched."""
-    if getattr(sd_model, "is_sd3", False):
-        return "SD3 is a transformer (MMDiT) model without UNet self-attention"
     if getattr(sd_model, "cond_stage_key", None) == "edit":
         return "edit models (InstructPix2Pix) are not supported"
     if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
         return "unCLIP models are not supported"
     if custom_unet is not None:
         return "a custom UNet (sd_unet setting, e.g. TensorRT) bypasses the attention layers"
-    if diffusion_model(sd_model) is None:
-        return "this model has no ldm/sgm UNet"
+    if query_target(sd_model) is None:
+        return "this model is neither an ldm/sgm UNet nor an SD3 transformer (MMDiT)"
     return None
 
 
@@ -107,7 +115,7 @@ class SegRun:
     captured: tuple | None = None
     batched: BatchedStep | None = None
     wrapped_models: list = field(default_factory=list)
-    on_skip: query_hooks.SkipCallback = field(default_factory=query_hooks.skip_warner)
+    on_skip: query_hooks.SkipCallback | None = None  # None: the target's warner
     _resolved: dict = field(default_factory=dict)
 
     def capture(self, denoiser_params: Any) -> None:
@@ -135,11 +143,13 @@ class SegRun:
         uncond = getattr(dp, "text_uncond", None)
         return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
 
-    def layers_for(self, unet: torch.nn.Module) -> tuple[layers.LayerKey, ...]:
-        """Resolve the spec against the UNet in use now (the refiner may swap it mid-run)."""
-        key = id(unet)
+    def layers_for(self, target: targets.UnetTarget) -> tuple:
+        """Resolve the spec against the network in use now (the refiner may swap it mid-run)."""
+        key = id(target.model)
         if key not in self._resolved:
-            self._resolved[key] = layers.resolve_layers(self.params.layers, available_layers(unet))
+            self._resolved[key] = target.resolve(self.params.layers)
+        if self.on_skip is None:
+            self.on_skip = target.skip_warner()
         return self._resolved[key]
 
     def active(self, denoiser: Any) -> tuple[float, float] | None:
@@ -156,19 +166,23 @@ class SegRun:
         if self.captured is None:
             raise RuntimeError("SEG: the cfg_denoiser callback did not run; is the script loaded?")
         x, sigma, image_cond, text_cond = self.captured
-        unet = diffusion_model(denoiser.p.sd_model)
-        with query_hooks.blurred_queries(unet, self.layers_for(unet), sigma_blur, on_skip=self.on_skip):
+        target = query_target(denoiser.p.sd_model)
+        chosen = self.layers_for(target)
+        with target.blurred(chosen, sigma_blur, on_skip=self.on_skip):
             return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
 
-    def blurring_rows(self, unet: torch.nn.Module, rows: int) -> ExitStack:
-        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
+    def blurring_rows(self, target: targets.UnetTarget, rows: int) -> ExitStack:
+        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix (UNet)."""
         step = self.batched
         stack = ExitStack()
-        chosen = self.layers_for(unet)
+        chosen = self.layers_for(target)
         seg_rows = slice(step.n_cond, 2 * step.n_cond)
-        stack.enter_context(query_hooks.blurred_queries(unet, chosen, step.setting[1], seg_rows, self.on_skip))
+        stack.enter_context(target.blurred(chosen, step.setting[1], seg_rows, self.on_skip))
+        unet = target.model
         # an instance-patched forward: recompute all; one SEG row: the hooks cost more than they save
-        if self.prefix_reuse and "forward" not in vars(unet) and batching.prefix_pays(step.n_cond):
+        if target.is_dit or not self.prefix_reuse or "forward" in vars(unet):
+            return stack
+        if batching.prefix_pays(step.n_cond):
             n = step.n_cond
             drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
             stack.enter_context(batching.shared_prefix(unet, chosen, rows, rows - n, drop, expand))
@@ -201,7 +215,7 @@ def _wrap_inner_forward(denoiser: Any) -> bool:
         step = run.batched if run is not None else None
         if step is None or x.shape[0] not in step.rows:
             return original(x, sigma, **kwargs)
-        with run.blurring_rows(diffusion_model(denoiser.p.sd_model), x.shape[0]):
+        with run.blurring_rows(query_target(denoiser.p.sd_model), x.shape[0]):
             out = original(x, sigma, **kwargs)
         step.ran = True
         return out

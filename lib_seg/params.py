@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import blur, layers, schedule
+from .dit import layers as dit_layers
 
 SCALE_RANGE = (0.0, 20.0)
 HIRES_MODES = ("same", "off", "custom")
@@ -55,6 +56,21 @@ def parse_sigma(field: str, value: Any) -> float:
     return math.inf if blur.is_infinite_sigma(sigma) else sigma
 
 
+def check_layer_syntax(spec: Any) -> str:
+    """A layer spec any model could accept: UNet layers (``middle``, ``d4``, ``u0.3``) or DiT blocks
+    (``d7-9,s7-9``, ``j7-9``).  Which one it means is decided against the loaded model."""
+    try:
+        return layers.check_spec_syntax(spec)
+    except ValueError as unet_error:
+        try:
+            return dit_layers.check_spec_syntax(spec)
+        except ValueError:
+            raise ValueError(
+                f"{unet_error}; on Flux/Chroma/SD3 use presets {', '.join(dit_layers.PRESETS)} or blocks like "
+                "d7-9, s7-9, j7-9"
+            ) from None
+
+
 def format_sigma(sigma: float) -> str:
     return "inf" if math.isinf(sigma) else f"{sigma:g}"
 
@@ -79,7 +95,7 @@ class SegParams:
         set_(self, "enabled", parse_bool("enabled", self.enabled))
         set_(self, "scale", parse_number("scale", self.scale, *SCALE_RANGE))
         set_(self, "blur_sigma", parse_sigma("blur_sigma", self.blur_sigma))
-        set_(self, "layers", layers.check_spec_syntax(self.layers))
+        set_(self, "layers", check_layer_syntax(self.layers))
         start = parse_number("start", self.start, 0.0, 1.0)
         end = parse_number("end", self.end, 0.0, 1.0)
         set_(self, "start", schedule.check_window(start, end)[0])

@@ -47,11 +47,13 @@ def as_ldm_unet(candidate: Any) -> nn.Module | None:
     return None
 
 
-def skip_warner() -> SkipCallback:
-    """A callback that warns once per layer whose queries fit no token grid (they stay unblurred)."""
-    warned: set[LayerKey] = set()
+def skip_warner(format_keys: Callable[[list], str] = format_layers) -> SkipCallback:
+    """A callback that warns once per layer whose queries fit no token grid (they stay unblurred).
 
-    def on_skip(key: LayerKey, n_tokens: int, grid: tuple[int, int] | None = None) -> None:
+    ``format_keys`` names the layer (UNet layers by default; a DiT target passes its block names)."""
+    warned: set = set()
+
+    def on_skip(key: Any, n_tokens: int, grid: tuple[int, int] | None = None) -> None:
         if key in warned:
             return
         warned.add(key)
@@ -59,7 +61,7 @@ def skip_warner() -> SkipCallback:
         log.warning(
             "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile tiles, "
             "random token merging?); its queries are left unblurred",
-            format_layers([key]),
+            format_keys([key]),
             n_tokens,
             block,
         )

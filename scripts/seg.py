@@ -11,7 +11,7 @@ import logging
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-from lib_seg import a1111, infotext, layers, script_args, xyz
+from lib_seg import a1111, infotext, script_args, xyz
 from lib_seg import ui as seg_ui
 
 try:
@@ -69,8 +69,7 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
                 setattr(p, STATE_ATTR, (None, None))
                 return
             try:
-                unet = a1111.diffusion_model(p.sd_model)
-                layer_text = layers.canonical_spec(params.layers, a1111.available_layers(unet))
+                layer_text = a1111.layer_text(p.sd_model, params.layers)
             except ValueError as exc:
                 setattr(p, STATE_ATTR, (None, exc))
                 return

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_seg import a1111
-from lib_seg.layers import resolve_layers
+from lib_seg.layers import resolve_layers, unet_layers
 from lib_seg.params import SegParams
 from tests.support import slow_seg
 from tests.support.a1111_host import CFGDenoiser, CompVisDenoiser, DictWithShape, FakeSDModel, InterruptedException
@@ -63,7 +63,7 @@ def slow_expected(model, inputs, params, baseline, layers_spec=None):
     x = torch.cat([inputs["x"][i : i + 1].expand(n, -1, -1, -1) for i, n in enumerate(repeats)])
     sigma = torch.cat([inputs["sigma"][i : i + 1].expand(n) for i, n in enumerate(repeats)])
     cond = a1111.condition_dict(text_cond, torch.zeros(x.shape[0], 5, 1, 1))
-    layers = resolve_layers(layers_spec or params.layers, a1111.available_layers(unet))
+    layers = resolve_layers(layers_spec or params.layers, unet_layers(unet))
     with torch.no_grad():
         plain = CompVisDenoiser(model)(x, sigma, cond)
         seg_model = FakeSDModel(slow_seg.seg_unet(unet, list(layers), params.blur_sigma))
@@ -253,13 +253,13 @@ def test_callback_ignores_foreign_denoisers():
 
 def test_unsupported_models(sd1):
     assert a1111.unsupported_reason(sd1) is None
-    assert "SD3" in a1111.unsupported_reason(SimpleNamespace(is_sd3=True))
+    assert "neither an ldm/sgm UNet nor" in a1111.unsupported_reason(SimpleNamespace(is_sd3=True))
     assert "InstructPix2Pix" in a1111.unsupported_reason(SimpleNamespace(cond_stage_key="edit"))
     assert "unCLIP" in a1111.unsupported_reason(
         SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn-adm"))
     )
     assert "custom UNet" in a1111.unsupported_reason(sd1, custom_unet=object())
-    assert "no ldm/sgm UNet" in a1111.unsupported_reason(SimpleNamespace(model=SimpleNamespace()))
+    assert "neither an ldm/sgm UNet nor" in a1111.unsupported_reason(SimpleNamespace(model=SimpleNamespace()))
 
 
 # --- batched SEG rows and prefix reuse -------------------------------------------------------------

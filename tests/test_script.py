@@ -195,7 +195,7 @@ def test_bad_args_fail_inside_sampling_and_leave_nothing_behind(host, sd_model, 
 
 def test_unsupported_model_is_left_untouched(host, sd_model):
     script = host.module.SmoothedEnergyGuidanceScript()
-    sd_model.is_sd3 = True
+    unet, sd_model.model.diffusion_model = sd_model.model.diffusion_model, torch.nn.Linear(4, 4)  # neither UNet nor DiT
     try:
         p = make_p(sd_model)
         script.process(p, True)
@@ -204,7 +204,7 @@ def test_unsupported_model_is_left_untouched(host, sd_model):
         script.process_before_every_sampling(p, True)
         assert not hasattr(p.sampler.model_wrap_cfg, a1111.RUN_ATTR)
     finally:
-        sd_model.is_sd3 = False
+        sd_model.model.diffusion_model = unet
 
 
 def test_xyz_overrides_reach_the_job(host, sd_model):

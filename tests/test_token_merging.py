@@ -14,7 +14,7 @@ from torch import nn
 
 from lib_seg import a1111, token_merging
 from lib_seg.blur import kernel_size
-from lib_seg.layers import LayerKey, resolve_layers
+from lib_seg.layers import LayerKey, resolve_layers, unet_layers
 from lib_seg.params import SegParams
 from lib_seg.query_hooks import attn1_name, blurred_queries, skip_warner, transformer_block_name
 from tests.support.a1111_host import CFGDenoiser, FakeSDModel
@@ -97,7 +97,7 @@ def reference(unet: nn.Module, key: LayerKey, x: torch.Tensor, height: int, widt
 @pytest.mark.parametrize("sigma", [2.0, math.inf])
 def test_merged_layers_get_the_blurred_queries_merged_as_the_host_merges(unet64, caplog, height, width, sigma):
     x = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    every = resolve_layers("all", a1111.available_layers(unet64))
+    every = resolve_layers("all", unet_layers(unet64))
     plain, handles = record(unet64, MERGED)
     call(unet64, x)
     for handle in handles:
@@ -187,7 +187,7 @@ def test_batched_seg_rows_equal_the_separate_pass_with_tome(
     skipped = []
     baseline = sample(sd15_tome, inputs, None)
     separate = sample(sd15_tome, inputs, a1111.SegRun(params, on_skip=lambda *a: skipped.append(a)))
-    merged_layers = sum(key in MERGED for key in resolve_layers(spec, a1111.available_layers(unet)))
+    merged_layers = sum(key in MERGED for key in resolve_layers(spec, unet_layers(unet)))
     assert done == [True] * merged_layers
     run = a1111.SegRun(params, batch_rows=True, prefix_reuse=prefix_reuse, on_skip=lambda *a: skipped.append(a))
     batched = sample(sd15_tome, inputs, run)
@@ -269,7 +269,7 @@ def test_random_merges_are_skipped_with_the_warning_but_infinite_sigma_is_exact(
     sigma leaves those layers unblurred with the usual warning; infinite sigma needs no merge."""
     unet = random_tome_unet
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    layers = resolve_layers("d1,d4,u10", a1111.available_layers(unet))
+    layers = resolve_layers("d1,d4,u10", unet_layers(unet))
     skipped = []
     warn = skip_warner()
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):

@@ -38,6 +38,7 @@ KINDS = ("double", "single", "joint")
 KIND_OF_LETTER = {"d": "double", "s": "single", "j": "joint"}
 LETTER_OF_KIND = {kind: letter for letter, kind in KIND_OF_LETTER.items()}
 PRESETS: dict[str, tuple[str, ...]] = {"double": ("double",), "single": ("single",), "joint": ("joint",), "all": KINDS}
+DEFAULT_WORDS = ("middle", "mid")  # the UNet default preset's name means "this DiT's default blocks"
 _ITEM = re.compile(r"^([dsj])(\d+)(?:-(\d+))?$")
 
 # Block counts of the released models (double, single, joint).
@@ -84,6 +85,23 @@ def default_layer_spec(family: str) -> str:
     return DEFAULT_SPECS[family]
 
 
+def default_layers(available: Iterable[DitLayer]) -> str:
+    """What ``middle`` (the default preset) selects on a DiT with ``available`` blocks.
+
+    The released models' default (:data:`DEFAULT_SPECS`, Flux/Chroma ``d7-9,s7-9``, SD3 ``j7-9``) when
+    the model has those blocks; on a smaller model (pruned or distilled variants, test models) the
+    middle block of each stream, ``index = count // 2``, the DiT counterpart of a UNet's middle block.
+    """
+    available = tuple(sorted(set(available), key=sort_key))
+    kinds = {layer.kind for layer in available}
+    released = DEFAULT_SPECS["sd3" if kinds == {"joint"} else "flux"]
+    wanted = [DitLayer(kind, i) for item in spec_items(released) for kind, indices in [_parse(item)] for i in indices]
+    if wanted and set(wanted) <= set(available):
+        return released
+    counts = {kind: sum(layer.kind == kind for layer in available) for kind in KINDS}
+    return format_layers(DitLayer(kind, count // 2) for kind, count in counts.items() if count)
+
+
 def sort_key(layer: DitLayer) -> tuple[int, int]:
     return KINDS.index(layer.kind), layer.index
 
@@ -110,7 +128,7 @@ def _missing(item: str, available: tuple[DitLayer, ...]) -> ValueError:
 
 def _parse(item: str) -> tuple[str, range] | None:
     """``(kind, indices)`` of a block item, None for a preset; raises on anything else."""
-    if item in PRESETS:
+    if item in PRESETS or item in DEFAULT_WORDS:
         return None
     match = _ITEM.match(item)
     if match is None:
@@ -123,6 +141,8 @@ def _parse(item: str) -> tuple[str, range] | None:
 
 
 def _select(item: str, available: tuple[DitLayer, ...]) -> list[DitLayer]:
+    if item in DEFAULT_WORDS:
+        return [layer for default in spec_items(default_layers(available)) for layer in _select(default, available)]
     parsed = _parse(item)
     if parsed is None:
         chosen = [layer for layer in available if layer.kind in PRESETS[item]]

@@ -8,6 +8,7 @@ from lib_seg.dit.layers import (
     canonical_spec,
     check_spec_syntax,
     default_layer_spec,
+    default_layers,
     family_layers,
     format_layers,
     model_layers,
@@ -77,7 +78,7 @@ def test_sd3_errors_list_its_blocks(spec):
         ("d", "cannot read 'd'"),
         ("d7.2", "cannot read"),
         ("d-1", "cannot read"),
-        ("middle", "cannot read 'middle'"),
+        ("input", "cannot read 'input'"),  # UNet presets other than the default mean nothing on a DiT
         ("d9-7", "SEG layers: range 9-7 is empty"),
     ],
 )
@@ -118,3 +119,20 @@ def test_defaults_resolve_on_their_family(family):
         assert layers == j(7, 8, 9)  # Stability's SD3.5-M skip-layer guidance layers
     with pytest.raises(ValueError, match="unknown DiT family"):
         default_layer_spec("sd1")
+
+
+@pytest.mark.parametrize("word", ["middle", "mid", "MIDDLE"])
+def test_the_default_preset_selects_the_released_models_defaults(word):
+    assert format_layers(resolve_layers(word, FLUX)) == "d7-9,s7-9"
+    assert format_layers(resolve_layers(word, SD35M)) == "j7-9"
+    assert canonical_spec(word, FLUX) == "d7-9,s7-9"  # infotext names the blocks, not the UNet word
+
+
+@pytest.mark.parametrize(
+    "counts,expected",
+    [((0, 0, 2), "j1"), ((0, 0, 9), "j4"), ((2, 3, 0), "d1,s1"), ((8, 38, 0), "d4,s19"), ((10, 10, 0), "d7-9,s7-9")],
+)
+def test_the_default_on_smaller_models_is_the_middle_block_of_each_stream(counts, expected):
+    available = model_layers(*counts)
+    assert default_layers(available) == expected
+    assert format_layers(resolve_layers("middle,all", available)) == format_layers(available)

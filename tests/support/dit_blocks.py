@@ -38,6 +38,7 @@ class Hooks:
     # before RoPE; MMDiT: the image block's ln_q output (B, L_img, heads, D)
     attention_q: Hook | None = None  # q as it enters attention: Flux (B, heads, L, D) after RoPE; MMDiT (B, L, heads*D)
     logits: Hook | None = None  # pre-softmax logits (B, heads, L, L); when set, attention is computed explicitly
+    logits2: Hook | None = None  # the same for SD3.5's image-only second attention (``x_block.attn2``)
     seen: dict[str, torch.Tensor] = field(default_factory=dict)  # q, k, v as they entered attention
 
 
@@ -100,15 +101,28 @@ def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, t
     return q, k, v
 
 
+class QKNorm(nn.Module):
+    """The hosts' QK-norm module: called as ``norm(q, k, v)``, returns ``(q, k)`` normalised per head."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
 class _Stream(nn.Module):
-    """One stream of a double block: modulation, qkv, QK-norm, output projection and MLP."""
+    """One stream of a double block (``img_attn`` / ``txt_attn``): modulation, qkv, QK-norm ``norm``,
+    output projection and MLP.  The hosts keep modulation and MLP beside ``*_attn``; only the
+    ``*_attn.norm`` path matters to the adapter."""
 
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
         self.mod = nn.Linear(hidden, 6 * hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.q_norm, self.k_norm = RMSNorm(hidden // heads), RMSNorm(hidden // heads)
+        self.norm = QKNorm(hidden // heads)
         self.proj = nn.Linear(hidden, hidden)
         self.mlp = nn.Sequential(
             nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
@@ -117,7 +131,8 @@ class _Stream(nn.Module):
     def qkv_of(self, x: torch.Tensor, vec: torch.Tensor):
         mod = self.mod(F.silu(vec))[:, None].chunk(6, dim=-1)
         q, k, v = _heads(self.qkv(_modulate(x, mod[0], mod[1])), self.heads)
-        return self.q_norm(q), self.k_norm(k), v, mod
+        q, k = self.norm(q, k, v)
+        return q, k, v, mod
 
     def finish(self, x: torch.Tensor, attention: torch.Tensor, mod) -> torch.Tensor:
         x = x + mod[2] * self.proj(attention)
@@ -127,18 +142,19 @@ class _Stream(nn.Module):
 class DoubleStreamBlock(nn.Module):
     def __init__(self, hidden: int = 32, heads: int = 2):
         super().__init__()
-        self.img, self.txt = _Stream(hidden, heads), _Stream(hidden, heads)
+        self.img_attn, self.txt_attn = _Stream(hidden, heads), _Stream(hidden, heads)
+        self.hooks = Hooks()  # used when a call passes none (a whole model calls its blocks plainly)
 
     def forward(self, img, txt, vec, pe, hooks: Hooks | None = None):
-        hooks = hooks or Hooks()
-        img_q, img_k, img_v, img_mod = self.img.qkv_of(img, vec)
-        txt_q, txt_k, txt_v, txt_mod = self.txt.qkv_of(txt, vec)
+        hooks = hooks or self.hooks
+        img_q, img_k, img_v, img_mod = self.img_attn.qkv_of(img, vec)
+        txt_q, txt_k, txt_v, txt_mod = self.txt_attn.qkv_of(txt, vec)
         img_q = _hook(hooks.q_norm, img_q)  # image-only, before RoPE
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
         q = _hook(hooks.attention_q, rope_complex(q, pe))
         out = attend(q, rope_complex(k, pe), v, hooks).transpose(1, 2).flatten(2)
         n_txt = txt.shape[1]
-        return self.img.finish(img, out[:, n_txt:], img_mod), self.txt.finish(txt, out[:, :n_txt], txt_mod)
+        return self.img_attn.finish(img, out[:, n_txt:], img_mod), self.txt_attn.finish(txt, out[:, :n_txt], txt_mod)
 
 
 class SingleStreamBlock(nn.Module):
@@ -147,62 +163,91 @@ class SingleStreamBlock(nn.Module):
         self.heads, self.hidden = heads, hidden
         self.mod = nn.Linear(hidden, 3 * hidden)
         self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * hidden)
-        self.q_norm, self.k_norm = RMSNorm(hidden // heads), RMSNorm(hidden // heads)
+        self.norm = QKNorm(hidden // heads)
         self.linear2 = nn.Linear(hidden + 2 * hidden, hidden)
+        self.hooks = Hooks()
 
     def forward(self, x, vec, pe, hooks: Hooks | None = None):
-        hooks = hooks or Hooks()
+        hooks = hooks or self.hooks
         shift, scale, gate = self.mod(F.silu(vec))[:, None].chunk(3, dim=-1)
         qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.hidden, 2 * self.hidden], dim=-1)
         q, k, v = _heads(qkv, self.heads)
-        q = _hook(hooks.q_norm, self.q_norm(q))  # the whole joint sequence, before RoPE
+        q, k = self.norm(q, k, v)
+        q = _hook(hooks.q_norm, q)  # the whole joint sequence, before RoPE
         q = _hook(hooks.attention_q, rope_complex(q, pe))
-        out = attend(q, rope_complex(self.k_norm(k), pe), v, hooks).transpose(1, 2).flatten(2)
+        out = attend(q, rope_complex(k, pe), v, hooks).transpose(1, 2).flatten(2)
         return x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 
-class _MMDiTHalf(nn.Module):
-    """MMDiT's per-stream ("dismantled") block: adaLN, qkv with ln_q/ln_k, projection and MLP."""
+class _MMDiTAttention(nn.Module):
+    """MMDiT's ``attn`` (and SD3.5's ``attn2``): qkv, ``ln_q``/``ln_k`` on (B, L, heads, D), projection."""
 
     def __init__(self, hidden: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads = heads
-        self.ada = nn.Linear(hidden, 6 * hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         norm = (lambda: RMSNorm(hidden // heads)) if qk_norm else nn.Identity
         self.ln_q, self.ln_k = norm(), norm()
         self.proj = nn.Linear(hidden, hidden)
+
+    def pre_attention(self, x: torch.Tensor, q_hook: Hook | None):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q = _hook(q_hook, self.ln_q(q))  # (B, L, heads, D)
+        return q.flatten(2), self.ln_k(k).flatten(2), v.flatten(2)
+
+
+def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+class _MMDiTHalf(nn.Module):
+    """MMDiT's per-stream ("dismantled") block: adaLN, ``attn``, MLP; SD3.5's image stream may add
+    ``attn2``, a self-attention over the image tokens alone (Forge ``mmditx.py:476-485, 562-589``)."""
+
+    def __init__(self, hidden: int, heads: int, qk_norm: bool, attn2: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.ada = nn.Linear(hidden, (9 if attn2 else 6) * hidden)
+        self.attn = _MMDiTAttention(hidden, heads, qk_norm)
+        self.attn2 = _MMDiTAttention(hidden, heads, qk_norm) if attn2 else None
         self.mlp = nn.Sequential(
             nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
         )
 
     def pre_attention(self, x, c, q_hook: Hook | None):
-        mod = self.ada(F.silu(c))[:, None].chunk(6, dim=-1)
-        q, k, v = self.qkv(_modulate(x, mod[0], mod[1])).unflatten(-1, (3, self.heads, -1)).unbind(2)
-        q = _hook(q_hook, self.ln_q(q))  # (B, L, heads, D)
-        return q.flatten(2), self.ln_k(k).flatten(2), v.flatten(2), mod
+        mod = self.ada(F.silu(c))[:, None].chunk(9 if self.attn2 is not None else 6, dim=-1)
+        q, k, v = self.attn.pre_attention(_modulate(x, mod[0], mod[1]), q_hook)
+        return q, k, v, mod
 
-    def post_attention(self, x, attention, mod):
-        x = x + mod[2] * self.proj(attention)
+    def self_attention2(self, x, mod, hooks: Hooks) -> torch.Tensor:
+        """SD3.5's image-only second attention, added to the stream with its own gate."""
+        q, k, v = self.attn2.pre_attention(_modulate(x, mod[6], mod[7]), None)
+        out = attend(*(_per_head(t, self.heads) for t in (q, k, v)), Hooks(logits=hooks.logits2))
+        return mod[8] * self.attn2.proj(out.transpose(1, 2).flatten(2))
+
+    def post_attention(self, x, attention, mod, extra: torch.Tensor | None = None):
+        x = x + mod[2] * self.attn.proj(attention) + (0 if extra is None else extra)
         return x + mod[5] * self.mlp(_modulate(x, mod[3], mod[4]))
 
 
 class JointBlock(nn.Module):
-    def __init__(self, hidden: int = 32, heads: int = 2, qk_norm: bool = True):
+    def __init__(self, hidden: int = 32, heads: int = 2, qk_norm: bool = True, attn2: bool = False):
         super().__init__()
         self.heads = heads
-        self.context_block, self.x_block = _MMDiTHalf(hidden, heads, qk_norm), _MMDiTHalf(hidden, heads, qk_norm)
+        self.context_block = _MMDiTHalf(hidden, heads, qk_norm)
+        self.x_block = _MMDiTHalf(hidden, heads, qk_norm, attn2)
+        self.hooks = Hooks()
 
     def forward(self, context, x, c, hooks: Hooks | None = None):
-        hooks = hooks or Hooks()
+        hooks = hooks or self.hooks
         ctx_q, ctx_k, ctx_v, ctx_mod = self.context_block.pre_attention(context, c, None)
         x_q, x_k, x_v, x_mod = self.x_block.pre_attention(x, c, hooks.q_norm)
         q = _hook(hooks.attention_q, torch.cat([ctx_q, x_q], dim=1))  # (B, L, heads*D), context first
         k, v = torch.cat([ctx_k, x_k], dim=1), torch.cat([ctx_v, x_v], dim=1)
-        per_head = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = attend(*per_head, hooks).transpose(1, 2).flatten(2)
+        out = attend(*(_per_head(t, self.heads) for t in (q, k, v)), hooks).transpose(1, 2).flatten(2)
+        extra = self.x_block.self_attention2(x, x_mod, hooks) if self.x_block.attn2 is not None else None
         n_ctx = context.shape[1]
         return (
             self.context_block.post_attention(context, out[:, :n_ctx], ctx_mod),
-            self.x_block.post_attention(x, out[:, n_ctx:], x_mod),
+            self.x_block.post_attention(x, out[:, n_ctx:], x_mod, extra),
         )

@@ -1,0 +1,131 @@
+"""Whole small DiTs built from tests/support/dit_blocks.py, called the way the hosts call theirs.
+
+Written from the hosts' interfaces (no host code copied), at Forge 2.x dfdcbab, reForge 3b56b26,
+A1111 82a973c:
+
+* :class:`TinyFlux` follows Forge 2.x ``IntegratedFluxTransformer2DModel.forward(x, timestep, context,
+  y, guidance=None, **kwargs)`` (``backend/nn/flux.py:400-420``): circular pad of odd sides, 2x2
+  patches row-major, position ids ``(0, row, col)`` with text at 0, ``pe`` from them; double blocks
+  called ``block(img=, txt=, vec=, pe=)`` (all keywords, ``flux.py:389``), then ``cat(txt, img)`` and
+  single blocks called ``block(x, vec=, pe=)`` (``flux.py:392``); output cropped to the input size.
+  ``ref_latents`` appends reference-image tokens after the image as reForge's Flux Kontext does
+  (``ldm_patched/ldm/flux/model.py:224-243``).
+* :class:`TinyMMDiT` follows the MMDiT ``forward(x, t, y=None, context=None)`` of A1111
+  (``modules/models/sd3/mmdit.py:603``) and Forge 2.x (``backend/nn/mmditx.py:940``): a stride-2 conv
+  patch embedding (no pad: Forge 2.x, A1111; ``pad=True``: reForge's circular ``dynamic_img_pad``),
+  an additive position embedding, blocks called ``block(context, x, c=c_mod)``
+  (``mmdit.py:598``), optional SD3.5 ``attn2`` in chosen blocks.
+
+Weights are random (``randomize``), biases included, so that every path reaches the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.support.dit_blocks import DoubleStreamBlock, JointBlock, SingleStreamBlock, rope_rotations, token_ids
+
+AXES = (4, 6, 6)  # RoPE axes: their sum is the head width (hidden 32 / 2 heads)
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
+    """Random weights everywhere; norm scales stay near 1 (the blocks' RMSNorm ``scale``)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith("scale"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model
+
+
+def _patchify(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2h, 2w) -> (B, h*w, C*4), row-major over the patch grid."""
+    b, c, height, width = x.shape
+    return x.reshape(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+
+
+def _unpatchify(tokens: torch.Tensor, channels: int, h_len: int, w_len: int) -> torch.Tensor:
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h_len, w_len, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, 2 * h_len, 2 * w_len)
+
+
+def _pad_even(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="circular")
+
+
+class TinyFlux(nn.Module):
+    """Flux/Chroma layout: ``double_blocks``, ``single_blocks``, RoPE over ``(txt, img, extra)``."""
+
+    def __init__(self, channels: int = 4, hidden: int = 32, heads: int = 2, depth: int = 2, single: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.img_in = nn.Linear(4 * channels, hidden)
+        self.txt_in = nn.Linear(12, hidden)
+        self.time_in = nn.Linear(1, hidden)
+        self.vector_in = nn.Linear(8, hidden)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads) for _ in range(depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads) for _ in range(single))
+        self.final_layer = nn.Linear(hidden, 4 * channels)
+
+    def forward(self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs):
+        height, width = x.shape[-2:]
+        x = _pad_even(x)
+        h_len, w_len = x.shape[-2] // 2, x.shape[-1] // 2
+        img = self.img_in(_patchify(x))
+        extra = 0
+        if ref_latents is not None:  # reForge's Kontext: reference tokens after the image
+            ref = self.img_in(_patchify(_pad_even(ref_latents)))
+            img, extra = torch.cat([img, ref], dim=1), ref.shape[1]
+        txt = self.txt_in(context)
+        vec = self.time_in(timestep[:, None].to(x.dtype)) + self.vector_in(y)
+        ids = token_ids(txt.shape[1], h_len, w_len, extra, batch=x.shape[0])
+        pe = rope_rotations(ids, AXES).to(torch.promote_types(x.dtype, torch.float32))
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        joint = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            joint = block(joint, vec=vec, pe=pe)
+        img = joint[:, txt.shape[1] : txt.shape[1] + h_len * w_len]
+        return _unpatchify(self.final_layer(img), self.channels, h_len, w_len)[..., :height, :width]
+
+
+class TinyMMDiT(nn.Module):
+    """SD3/SD3.5 layout: ``joint_blocks[i].x_block.attn.ln_q`` (and ``attn2`` where SD3.5 has it)."""
+
+    def __init__(
+        self,
+        channels: int = 4,
+        hidden: int = 32,
+        heads: int = 2,
+        depth: int = 3,
+        pad: bool = False,
+        qk_norm: bool = True,
+        attn2_blocks: tuple[int, ...] = (),
+    ):
+        super().__init__()
+        self.channels, self.pad = channels, pad
+        self.x_embedder = nn.Conv2d(channels, hidden, 2, stride=2)
+        self.pos_embed = nn.Parameter(torch.zeros(1, hidden, 16, 16))
+        self.context_embedder = nn.Linear(12, hidden)
+        self.t_embedder = nn.Linear(1, hidden)
+        self.y_embedder = nn.Linear(8, hidden)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(hidden, heads, qk_norm, attn2=i in attn2_blocks) for i in range(depth)
+        )
+        self.final_layer = nn.Linear(hidden, 4 * channels)
+
+    def forward(self, x, t, y=None, context=None, **kwargs):
+        height, width = x.shape[-2:]
+        x = _pad_even(x) if self.pad else x
+        grid = self.x_embedder(x)
+        h_len, w_len = grid.shape[-2:]
+        tokens = (grid + self.pos_embed[..., :h_len, :w_len]).flatten(2).transpose(1, 2)
+        c_mod = self.t_embedder(t[:, None].to(x.dtype)) + self.y_embedder(y)
+        context = self.context_embedder(context)
+        for block in self.joint_blocks:
+            context, tokens = block(context, tokens, c=c_mod)
+        out = _unpatchify(self.final_layer(tokens), self.channels, h_len, w_len)
+        return out[..., :height, :width] if self.pad else out
