@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import forge_host, layers, query_hooks
+from . import forge_host, query_hooks, targets
 from .forge_pass import SEG_MARK, SegPass
 from .forge_patches import (
     attn1_patch,
@@ -75,7 +75,15 @@ def unet_patcher(p: Any) -> Any | None:
 
 
 diffusion_model = query_hooks.ldm_unet
-available_layers = layers.unet_layers
+
+
+def query_target(patcher: Any) -> targets.UnetTarget | None:
+    """The UNet or the Flux/Chroma/SD3 transformer the patcher's model runs (None: SEG cannot run)."""
+    return targets.query_target(getattr(getattr(patcher, "model", None), "diffusion_model", None))
+
+
+def available_layers(unet: Any) -> tuple:
+    return targets.query_target(unet).available
 
 
 skip_warner = query_hooks.skip_warner
@@ -149,8 +157,9 @@ def patch_unet(
     """Install SEG for the coming sampling pass of ``p``; return the canonical layer text, or None.
 
     ``error``: install a post-CFG function that raises it, so the request fails with its message.
-    SEG off for this pass (disabled, scale 0, hires mode off): nothing is installed.  A model
-    without a UNet (Flux, Chroma, SD3) is left untouched with a warning.  Layers the UNet lacks are
+    SEG off for this pass (disabled, scale 0, hires mode off): nothing is installed.  Flux, Chroma
+    and SD3 get the DiT path (:class:`.forge_pass.SegPass` with ``dit``); any other model without a
+    UNet is left untouched with a warning.  Layers the UNet lacks are
     raised during sampling, with the list of layers it has.  Calling this again for the same pass
     replaces, never stacks, the SEG function.  ``batch_rows``: let the SEG rows ride in the main UNet
     call when the host's memory estimate allows (the setting "Run the SEG rows inside the main UNet call");
@@ -170,21 +179,24 @@ def patch_unet(
     if patcher is None or kind is None:
         log.warning("SEG: no Forge, reForge or classic Forge UnetPatcher found; SEG is off")
         return None
-    model = diffusion_model(patcher)
-    if model is None:
+    target = query_target(patcher)
+    if target is None:
         name = type(getattr(getattr(patcher, "model", None), "diffusion_model", None)).__name__
-        log.warning("SEG: the loaded model (%s) is not a UNet with self-attention blocks; SEG is off for it", name)
+        log.warning(
+            "SEG: the loaded model (%s) is neither a UNet nor a Flux/Chroma/SD3 transformer; SEG is off for it", name
+        )
         _switch_off(p, patcher)
         return None
-    available = available_layers(model)
     try:
-        keys = layers.resolve_layers(params.layers, available)
-        text = layers.canonical_spec(params.layers, available)
+        keys = target.resolve(params.layers)
+        text = target.canonical(params.layers)
     except ValueError as exc:
         _install(p, patcher, raising_post_cfg(exc))
         return None
     seg_scale, sigma = setting
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    seg = SegPass(kind, keys, seg_scale, sigma, (params.start, params.end), denoiser, batch_rows, prefix_reuse)
-    _install(p, patcher, *seg_functions(seg), record_grid=True)
+    dit = target if target.is_dit else None
+    window = (params.start, params.end)
+    seg = SegPass(kind, keys, seg_scale, sigma, window, denoiser, batch_rows, prefix_reuse, dit=dit)
+    _install(p, patcher, *seg_functions(seg), record_grid=dit is None)
     return text

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import batching, forge_host, forge_rows, guidance, layers, query_hooks, schedule
+from . import batching, forge_host, forge_rows, guidance, query_hooks, schedule, targets
 from .forge_patches import SkipCallback, attn1_patch, sampling_progress, with_attn1_replaces
 
 log = logging.getLogger("sd_webui_seg")
@@ -30,22 +30,32 @@ class SegPass:
     is called with the blurred queries instead of the host attention in the separate pass, so the SEG
     pass keeps that extension's effect and the guidance holds only the blur (such steps are never
     batched).
+
+    ``dit``: on Flux, Chroma and SD3 (a :class:`.targets.DitTarget`) no attn1 patch exists; the same
+    two paths arm module hooks on the transformer for the call instead (:mod:`lib_seg.dit.hooks`),
+    blurring only the SEG rows in the batched call.
     """
 
     kind: str
-    keys: tuple[layers.LayerKey, ...]
+    keys: tuple
     seg_scale: float
     sigma: float
     window: tuple[float, float]
     denoiser: Any
     batch_rows: bool = False
     prefix_reuse: bool = True
-    on_skip: SkipCallback = field(default_factory=query_hooks.skip_warner)
+    on_skip: SkipCallback | None = None  # None: warn once per layer
     kept: forge_rows.KeptRows | None = None
     seen_step: int | None = None
+    dit: targets.DitTarget | None = None
 
     def __post_init__(self) -> None:
-        self.patches = {tuple(key): attn1_patch(self.kind, key, self.sigma, self.on_skip) for key in self.keys}
+        if self.on_skip is None:
+            self.on_skip = self.dit.skip_warner() if self.dit is not None else query_hooks.skip_warner()
+        if self.dit is not None:
+            self.patches = {}
+        else:
+            self.patches = {tuple(key): attn1_patch(self.kind, key, self.sigma, self.on_skip) for key in self.keys}
 
     def step(self) -> int | None:
         step = getattr(self.denoiser, "step", None)
@@ -65,7 +75,7 @@ class SegPass:
         if call is None:
             return apply_model(args["input"], args["timestep"], **args["c"])
         try:
-            with self._shared_prefix(apply_model, call):
+            with self._blurring_seg_rows(apply_model, call):
                 out = apply_model(call.input, call.timestep, **call.c)
         except OUT_OF_MEMORY:  # the estimate was optimistic: this pass goes on without extra rows
             self.batch_rows = False
@@ -74,6 +84,13 @@ class SegPass:
         chunk_shape = call.input[: call.chunk_rows].shape
         self.kept = forge_rows.KeptRows(self.seen_step, chunk_shape, out[call.main_rows :])
         return out[: call.main_rows]
+
+    def _blurring_seg_rows(self, apply_model: Callable, call: forge_rows.BatchedCall) -> AbstractContextManager:
+        """What blurs the SEG rows of a batched call: the attn1 patches already in ``call`` (UNet, plus
+        prefix reuse), or hooks on the transformer's blocks for those rows (DiT)."""
+        if self.dit is not None:
+            return self.dit.blurred(self.keys, self.sigma, slice(call.main_rows, None), self.on_skip)
+        return self._shared_prefix(apply_model, call)
 
     def _shared_prefix(self, apply_model: Callable, call: forge_rows.BatchedCall):
         """Prefix reuse (:mod:`.batching`) unless it does not pay (one SEG row), the UNet's forward is
@@ -116,10 +133,20 @@ class SegPass:
                 log.info("SEG: the host splits this pass's cond rows (%s); SEG makes its own UNet call", mismatch)
                 self.batch_rows = False
         if cond_seg is None:
-            cond_seg = self._cond_pass(args, args["cond"], self._separate_options(options))
+            with self._blurring_separate_pass():
+                cond_seg = self._cond_pass(args, args["cond"], self._separate_options(options))
         return guidance.apply_seg(denoised, args["cond_denoised"], cond_seg, self.seg_scale)
 
+    def _blurring_separate_pass(self) -> AbstractContextManager:
+        """DiT: every row of the separate pass is a SEG row (UNet: the attn1 patches in its options)."""
+        return nullcontext() if self.dit is None else self.dit.blurred(self.keys, self.sigma, on_skip=self.on_skip)
+
     def _separate_options(self, options: dict) -> dict:
+        if self.dit is not None:
+            seg_options = dict(options)
+            if getattr(seg_options.get("model_function_wrapper"), SEG_MARK, False):
+                del seg_options["model_function_wrapper"]
+            return seg_options
         existing = ((options.get("transformer_options") or {}).get("patches_replace") or {}).get("attn1") or {}
         step_patches = {}
         for key, patch in self.patches.items():

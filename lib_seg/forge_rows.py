@@ -33,8 +33,8 @@ import torch
 SEG_ROWS = "sd_webui_seg_rows"  # transformer_options key: (start, stop) of the SEG rows of this call
 COND = 0
 CONDITIONING_KEYS = frozenset(
-    {"c_crossattn", "c_concat", "y", "c_adm", "transformer_options", "control", "control_model"}
-)
+    {"c_crossattn", "c_concat", "y", "c_adm", "guidance", "transformer_options", "control", "control_model"}
+)  # "guidance": Flux's distilled-guidance value, one per row (Forge 2.x ``condition.py``, reForge ``model_base``)
 ROW_PATCH_KINDS = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")
 
 
@@ -138,9 +138,10 @@ def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> Batc
         if not ok:
             return None
     _flags_options(options, flags, chunks, options.get("sigmas"))
-    replaces = dict(options.get("patches_replace") or {})
-    replaces["attn1"] = dict(attn1_patches)
-    options["patches_replace"] = replaces
+    if attn1_patches:  # a DiT blurs through module hooks instead
+        replaces = dict(options.get("patches_replace") or {})
+        replaces["attn1"] = dict(attn1_patches)
+        options["patches_replace"] = replaces
     options[SEG_ROWS] = (rows, rows + len(chunks) * chunk_rows)
     expanded["transformer_options"] = options
     seg_x, seg_t = with_chunks(x, chunks, chunk_rows), with_chunks(timestep, chunks, chunk_rows)

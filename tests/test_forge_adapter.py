@@ -334,22 +334,25 @@ def test_no_grid_leaves_queries_unblurred_and_warns_once(monkeypatch, caplog, si
 # --- unsupported models and errors ----------------------------------------------------------------
 
 
-class FluxLike(torch.nn.Module):
+class OtherDiT(torch.nn.Module):
+    """A transformer SEG does not know (PixArt, HunyuanDiT, ...: plain ``blocks``; Flux without singles)."""
+
     def __init__(self):
         super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
         self.double_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dit_models_are_left_untouched(monkeypatch, caplog, kind):
+def test_unknown_dit_models_are_left_untouched(monkeypatch, caplog, kind):
     host.install(monkeypatch, kind)
     p = host.make_processing(kind, build_unet(TINY_SD1, dtype=F64))
-    p.sd_model.forge_objects.unet.model.diffusion_model = FluxLike()
+    p.sd_model.forge_objects.unet.model.diffusion_model = OtherDiT()
     before = p.sd_model.forge_objects.unet
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
         assert forge.patch_unet(p, SegParams(enabled=True)) is None
     assert p.sd_model.forge_objects.unet is before and before.model_options == {"transformer_options": {}}
-    assert "FluxLike) is not a UNet" in caplog.text
+    assert "OtherDiT) is neither a UNet nor a Flux/Chroma/SD3 transformer" in caplog.text
 
 
 def test_outside_forge_nothing_is_touched(sd1, monkeypatch, caplog):

@@ -11,7 +11,6 @@ tests/support/tolerance.py's FLOAT64_NETWORK_REL (about 2.3e-10 of the output's 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from torch import nn
 from lib_seg.dit.geometry import image_token_slice, patch_grid
 from lib_seg.dit.queries import blur_before_rope, blur_image_queries
 from tests.support.dit_blocks import DoubleStreamBlock, Hooks, JointBlock, SingleStreamBlock, rope_rotations, token_ids
+from tests.support.slow_seg import blur_logit_rows
 from tests.support.tolerance import assert_network_close, max_abs
-from tests.test_blur import reference_blur
 
 HIDDEN, HEADS, AXES, N_TXT = 32, 2, (4, 6, 6), 5
 GRIDS = [patch_grid(6, 6), patch_grid(7, 9, pad=True), patch_grid(7, 9, pad=False), patch_grid(3, 10)]
@@ -89,19 +88,6 @@ class Setup:
     def slow_hooks(self, sigma: float, rows=None) -> Hooks:
         """Explicit attention whose logits get their image rows blurred by the dense reference."""
         return Hooks(logits=blur_logit_rows(self.image, self.grid, sigma, rows))
-
-
-def blur_logit_rows(image: slice, grid, sigma: float, rows=None) -> Callable[[torch.Tensor], torch.Tensor]:
-    def hook(logits: torch.Tensor) -> torch.Tensor:  # (B, heads, L, L)
-        chosen = list(range(logits.shape[0])) if rows is None else list(rows)
-        part = logits[chosen][:, :, image]  # (R, heads, N, L): image query rows, all key columns
-        tokens = part.transpose(1, 2).reshape(len(chosen), part.shape[2], -1)
-        blurred = reference_blur(tokens, *grid, sigma).reshape(part.transpose(1, 2).shape).transpose(1, 2)
-        out = logits.clone()
-        out[torch.tensor(chosen), :, image] = blurred
-        return out
-
-    return hook
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)

@@ -16,9 +16,8 @@ import torch
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, dit_family
 from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
-from tests.dit.test_attention_blocks import blur_logit_rows
-from tests.support.dit_blocks import Hooks
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
+from tests.support.slow_seg import blurred_logits
 from tests.support.tolerance import assert_network_close
 
 N_TXT = 5
@@ -62,23 +61,8 @@ def _grid(model: torch.nn.Module, latent: tuple[int, int]) -> tuple[int, int]:
 def _slow(model, inputs, chosen, sigma, rows=None) -> torch.Tensor:
     """The model with the chosen blocks' image logit rows blurred (no query is blurred)."""
     grid = _grid(model, tuple(inputs["x"].shape[-2:]))
-    n_image = grid[0] * grid[1]
-    try:
-        for layer in chosen:
-            block = getattr(model, f"{layer.kind}_blocks")[layer.index]
-            block.hooks = Hooks(
-                logits=blur_logit_rows(slice(N_TXT, N_TXT + n_image), grid, sigma, rows),
-                logits2=blur_logit_rows(slice(0, n_image), grid, sigma, rows),
-            )
-        with torch.no_grad():
-            return _call(model, inputs)
-    finally:
-        for block in (
-            *getattr(model, "double_blocks", ()),
-            *getattr(model, "single_blocks", ()),
-            *getattr(model, "joint_blocks", ()),
-        ):
-            block.hooks = Hooks()
+    with torch.no_grad(), blurred_logits(model, chosen, sigma, N_TXT, grid, rows):
+        return _call(model, inputs)
 
 
 def _seg(model, inputs, chosen, sigma, rows=None, on_skip=None) -> torch.Tensor:

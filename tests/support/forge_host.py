@@ -90,6 +90,20 @@ class BaseModel:
         return input_shape[0] * 2**20
 
 
+class DitModel(BaseModel):
+    """``KModel`` (Forge 2.x ``backend/modules/k_model.py:45``) / reForge ``model_base.BaseModel._apply_model``
+    (``model_base.py:191``) running a DiT: every conditioning by keyword, ``context=`` for the text;
+    flow matching (``t`` is sigma, x0 = x - sigma * v)."""
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, control=None, transformer_options=None, **extra):
+        self.calls.append(transformer_options)
+        self.rows.append(x.shape[0])
+        v = self.diffusion_model(
+            x, t, context=c_crossattn, y=y, control=control, transformer_options=transformer_options, **extra
+        )
+        return x - v * t[:, None, None, None]
+
+
 class UnetPatcher:
     def __init__(self, model: BaseModel):
         self.model = model
@@ -190,8 +204,9 @@ def _calc(kind: str, model: BaseModel, conds: list, x_in, timestep, model_option
         crops = [_area_and_mult(entry, x_in) for _, entry in batch]
         model_conds = [entry["model_conds"] for _, entry in batch]
         c = {"c_crossattn": torch.cat([m["c_crossattn"] for m in model_conds])}
-        if "y" in model_conds[0]:
-            c["y"] = torch.cat([m["y"] for m in model_conds])
+        for key in ("y", "guidance"):  # guidance: Flux's distilled-guidance value, one per row
+            if key in model_conds[0]:
+                c[key] = torch.cat([m[key] for m in model_conds])
         c["transformer_options"] = _pass_options(kind, model, model_options, cond_or_uncond, timestep)
         x = torch.cat([crop[0] for crop in crops])
         t = torch.cat([timestep] * len(batch))
@@ -412,8 +427,10 @@ class Processing:
         self.sd_model.forge_objects = self.forge_objects_original.shallow_copy()
 
 
-def make_processing(kind: str, unet: UNetModel, attn_precision=None) -> Processing:
-    patcher = UnetPatcher(BaseModel(unet, attn_precision, activations_shape=kind == "reforge"))
+def make_processing(kind: str, unet: torch.nn.Module, attn_precision=None) -> Processing:
+    """``p`` with a patcher over ``unet``: a UNet, or a DiT (tests/support/dit_models.py) run as KModel runs it."""
+    model_class = BaseModel if hasattr(unet, "input_blocks") else DitModel
+    patcher = UnetPatcher(model_class(unet, attn_precision, activations_shape=kind == "reforge"))
     objects = ForgeObjects(patcher)
     p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
     p.sampler = Sampler(CFGDenoiser(kind, p))

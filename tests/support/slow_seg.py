@@ -1,19 +1,41 @@
 """An independent, slow SEG reference for tests: no hooks, no ``blur_queries``.
 
-A deep copy of the UNet gets the chosen ``attn1`` modules' ``forward`` replaced by plain Python that
-projects q, blurs it with the dense float64 reference of ``tests/test_blur.py`` on the grid its
-SpatialTransformer saw, and finishes the attention itself.
+UNet (:func:`seg_unet`): a deep copy of the UNet gets the chosen ``attn1`` modules' ``forward``
+replaced by plain Python that projects q, blurs it with the dense float64 reference of
+``tests/test_blur.py`` on the grid its SpatialTransformer saw, and finishes the attention itself.
+
+DiT (:func:`blurred_logits`): no query is touched at all; the chosen blocks of a
+tests/support/dit_models.py model compute attention explicitly and their pre-softmax logits get the
+image rows blurred (paper Prop. 3.1 says this equals blurring the image queries).
 """
 
 from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
 
 from lib_seg.layers import LayerKey
 from tests.test_blur import reference_blur
 
+from .dit_blocks import Hooks
 from .unet import CrossAttention, SpatialTransformer, UNetModel, attention
+
+
+def blur_logit_rows(image: slice, grid, sigma: float, rows=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(logits: torch.Tensor) -> torch.Tensor:  # (B, heads, L, L)
+        chosen = list(range(logits.shape[0])) if rows is None else list(rows)
+        part = logits[chosen][:, :, image]  # (R, heads, N, L): image query rows, all key columns
+        tokens = part.transpose(1, 2).reshape(len(chosen), part.shape[2], -1)
+        blurred = reference_blur(tokens, *grid, sigma).reshape(part.transpose(1, 2).shape).transpose(1, 2)
+        out = logits.clone()
+        out[torch.tensor(chosen), :, image] = blurred
+        return out
+
+    return hook
 
 
 def seg_unet(unet: UNetModel, layers: list[LayerKey], sigma: float) -> UNetModel:
@@ -40,3 +62,23 @@ def seg_unet(unet: UNetModel, layers: list[LayerKey], sigma: float) -> UNetModel
 
         attn.forward = types.MethodType(attn_forward, attn)
     return clone
+
+
+@contextmanager
+def blurred_logits(
+    model: torch.nn.Module, layers: Iterable, sigma: float, n_txt: int, grid: tuple[int, int], rows=None
+) -> Iterator[None]:
+    """Within the block, ``model``'s chosen blocks blur the image rows of their logits: joint attention
+    ``[txt | img]`` (``n_txt`` text tokens first) and SD3.5's image-only ``attn2``."""
+    n_image = grid[0] * grid[1]
+    blocks = [getattr(model, f"{layer.kind}_blocks")[layer.index] for layer in layers]
+    try:
+        for block in blocks:
+            block.hooks = Hooks(
+                logits=blur_logit_rows(slice(n_txt, n_txt + n_image), grid, sigma, rows),
+                logits2=blur_logit_rows(slice(0, n_image), grid, sigma, rows),
+            )
+        yield
+    finally:
+        for block in blocks:
+            block.hooks = Hooks()
