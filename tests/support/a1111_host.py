@@ -13,6 +13,11 @@ Followed interfaces (v1.10.1, tag 82a973c):
 * ``k_diffusion.external.CompVisDenoiser``: x0 = x - sigma * eps(x * c_in, t(sigma)).
 * ``make_condition_dict``: ``{"c_crossattn": [c], "c_concat": [img]}``, SDXL ``{**c, "c_concat": [img]}``
   with ``c = {"crossattn", "vector"}``.
+* SD3 (``modules/models/sd3/sd3_model.py``): ``SD3Inferencer`` with ``is_sd3``, ``model.diffusion_model``
+  the MMDiT, ``create_denoiser()`` (used by ``sd_samplers_kdiffusion.py:56-59`` instead of
+  CompVisDenoiser) and ``apply_model(x, t, cond)`` calling the MMDiT as ``(x, t, context=cond["crossattn"],
+  y=cond["vector"])`` (``sd3_model.py:56-57``, ``sd3_impls.py:72-76``): flow matching, t = 1000 sigma,
+  x0 = x - sigma * out.  Conds are ``DictWithShape`` like SDXL's.
 Prompt scheduling is already resolved: ``cond`` is ``(conds_list, tensor)``.
 """
 
@@ -70,6 +75,31 @@ class FakeSDModel:
         return self.model.diffusion_model(x, t, torch.cat(cond["c_crossattn"], 1))
 
 
+class FakeSD3Model:
+    """``SD3Inferencer`` stand-in over an MMDiT-layout module (tests/support/dit_models.py TinyMMDiT)."""
+
+    def __init__(self, mmdit: torch.nn.Module):
+        self.model = SimpleNamespace(diffusion_model=mmdit, conditioning_key="crossattn")
+        self.cond_stage_key = "txt"
+        self.is_sdxl, self.is_sd3 = False, True
+
+    def create_denoiser(self):
+        return SD3Denoiser(self)
+
+    def apply_model(self, x, sigma, cond):
+        out = self.model.diffusion_model(x, sigma * 1000.0, context=cond["crossattn"], y=cond["vector"])
+        return x - out * sigma[:, None, None, None]
+
+
+class SD3Denoiser(torch.nn.Module):
+    def __init__(self, sd_model: FakeSD3Model):
+        super().__init__()
+        self.inner_model = sd_model
+
+    def forward(self, x, sigma, cond):
+        return self.inner_model.apply_model(x, sigma, cond)
+
+
 class CompVisDenoiser(torch.nn.Module):
     def __init__(self, sd_model: FakeSDModel):
         super().__init__()
@@ -98,7 +128,8 @@ def _tokens(cond):
 class CFGDenoiser(torch.nn.Module):
     def __init__(self, sd_model: FakeSDModel, p: Any = None, callbacks=(), batch_cond_uncond: bool = True):
         super().__init__()
-        self.inner_model = CompVisDenoiser(sd_model)
+        create = getattr(sd_model, "create_denoiser", None)
+        self.inner_model = create() if create is not None else CompVisDenoiser(sd_model)
         self.p = p if p is not None else SimpleNamespace(sd_model=sd_model)
         self.callbacks = list(callbacks)
         self.batch_cond_uncond = batch_cond_uncond
