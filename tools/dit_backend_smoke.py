@@ -1,0 +1,313 @@
+"""Smoke check of lib_seg.dit.hooks against the REAL DiT classes of Forge 2.x or reForge (not a test: it
+needs a host tree and its venv).
+
+For each family the host's own transformer class is built tiny on the CPU (2 double + 2 single blocks, or
+2 joint blocks), float64, with random weights everywhere (those the host zero-initialises included), and
+called as the host's ``apply_model`` calls it on an odd, non-square 9x13 latent, batch 2 (Forge 2.x's
+MMDiTX gets 10x14: it crashes on odd sides by itself).  For some block choices and each sigma, the output
+under ``blurred_dit_queries`` must equal a reference that never touches a query: the host's attention
+function (the module attribute its blocks look up at call time) is swapped for an explicit attention that,
+in the chosen blocks only, blurs the image rows of the pre-softmax logits with a dense Gaussian written
+here from the SEG definition.  Also checked: the hooks leave nothing behind (no hooks on any module, the
+plain output bit-identical) and the blur changes the output.
+
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR, defaults below):
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_backend_smoke.py --host forge2
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_backend_smoke.py --host reforge
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+HOSTS = {"forge2": ("FORGE_DIR", "/work/hosts/forge2"), "reforge": ("REFORGE_DIR", "/work/hosts/reforge")}
+BATCH, N_TXT, REGISTERS = 2, 5, 2
+SD3_CTX = N_TXT + REGISTERS  # MMDiT: register tokens, then text, then the image
+SIGMAS = (0.5, 1.5, math.inf)
+# Bounds on max|seg - reference| / max|reference| (cf. tests/support/tolerance.py).  MMDiT runs wholly in
+# float64: 2**20 float64 epsilons (~2.3e-10) for rounding amplified by depth.  Flux/Chroma: both hosts'
+# RoPE casts q and k to float32 and rotates with float32 ``pe`` whatever the model dtype (Forge 2.x
+# ``apply_rope``: ``xq.float()``; reForge ``flux/math.py attention``: ``q.to(pe.dtype)``), so the two runs
+# round different queries to float32 (unit roundoff 6e-8): 2**7 float32 epsilons (~1.5e-5) of room.
+FLOAT64_REL, ROPE_REL = 2.0**20 * 2.0**-52, 2.0**7 * 2.0**-23
+EFFECT_FACTOR = 10.0  # the blur must move the output by more than this many bounds
+
+
+@dataclass
+class Case:
+    name: str
+    model: object
+    inputs: dict
+    attention: tuple[str, str]  # (module, attribute) the blocks call for attention
+    specs: tuple[str, ...]
+    n_ctx: int = N_TXT  # tokens before the image in the joint sequence (text, MMDiT registers)
+    n_extra: int = 0  # tokens after the image (Kontext references)
+    rel: float = FLOAT64_REL
+
+
+def setup(host: str) -> str:
+    env, default = HOSTS[host]
+    tree = os.path.abspath(os.environ.get(env, default))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = [f"{tree}/packages_3rdparty", f"{tree}/repositories/huggingface_guess"] if host == "forge2" else []
+    sys.path[:0] = [tree, *extra, repo]
+    sys.argv[1:] = ["--always-cpu"]  # both hosts parse argv when imported
+    if host == "reforge":
+        from ldm_patched.modules import args_parser
+
+        args_parser.args, _ = args_parser.parser.parse_known_args()  # as modules_forge/initialization.py does
+    return tree
+
+
+def randomize(model, seed: int = 0, std: float = 0.1):
+    """Every parameter and float buffer random; norm scales around 1 so that q and k stay of order 1."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
+                is_norm = name.endswith(".scale") or (".ln_" in name and name.endswith(".weight"))
+                tensor.copy_(noise + (1.0 if is_norm else 0.0))
+    return model.eval()
+
+
+def draw_inputs(latent: tuple[int, int], drop: tuple[str, ...] = (), ref: tuple[int, int] | None = None) -> dict:
+    """The keyword inputs of the host's ``apply_model`` call (``x`` and ``t`` are passed positionally)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    inputs = {"x": draw(BATCH, 16, *latent), "context": draw(BATCH, N_TXT, 48), "y": draw(BATCH, 32)}
+    inputs.update(t=torch.tensor([0.7, 0.4], dtype=torch.float64), guidance=torch.full((BATCH,), 3.5).double())
+    if ref is not None:  # reForge's Flux Kontext: reference latents, tokens appended after the image
+        inputs["ref_latents"] = [draw(BATCH, 16, *ref)]
+    return {key: value for key, value in inputs.items() if key not in drop}
+
+
+FLUX_SIZES = dict(context_in_dim=48, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2)
+FLUX_SIZES.update(depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, qkv_bias=True)
+MMDIT_SIZES = dict(input_size=None, patch_size=2, in_channels=16, depth=2, adm_in_channels=32, num_patches=256)
+MMDIT_SIZES.update(pos_embed_max_size=16, pos_embed_scaling_factor=None, qk_norm="rms", register_length=REGISTERS)
+MMDIT_SIZES["context_embedder_config"] = {"target": "torch.nn.Linear", "params": dict(in_features=48, out_features=128)}
+FLUX_SPECS, MMDIT_SPECS = ("all", "d1", "s0"), ("all", "j0", "j1")
+
+
+def forge2_cases() -> list[Case]:
+    import torch
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.mmditx import MMDiTX
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
+    def build(cls, **sizes):
+        """As backend/loader.py: built inside using_forge_operations (whose Linear has no weight until a
+        state dict is loaded), then given the state dict of a random plain-torch build of the same class."""
+        weights = randomize(cls(**sizes).double()).state_dict()
+        with using_forge_operations(device=torch.device("cpu"), dtype=torch.float64, manual_cast_enabled=False):
+            model = cls(**sizes).double()
+        load_state_dict(model, weights)
+        assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
+        return model.eval()
+
+    flux = build(IntegratedFluxTransformer2DModel, in_channels=16, vec_in_dim=32, guidance_embed=True, **FLUX_SIZES)
+    chroma_sizes = dict(in_channels=16, vec_in_dim=32, guidance_out_dim=64, guidance_hidden_dim=96, guidance_n_layers=2)
+    chroma = build(IntegratedChromaTransformer2DModel, **chroma_sizes, **FLUX_SIZES)
+    mmditx = build(MMDiTX, x_block_self_attn_layers=[0], **MMDIT_SIZES)
+    flux_attention = ("backend.nn.flux", "attention_function")  # Chroma calls backend.nn.flux.attention
+    sd3_inputs = draw_inputs((10, 14), ("guidance",))  # even: MMDiTX drops odd sides and then fails to add
+    return [
+        Case("Flux", flux, draw_inputs((9, 13)), flux_attention, FLUX_SPECS, rel=ROPE_REL),
+        Case("Chroma", chroma, draw_inputs((9, 13), ("y", "guidance")), flux_attention, FLUX_SPECS, rel=ROPE_REL),
+        Case("MMDiTX+attn2", mmditx, sd3_inputs, ("backend.nn.mmditx", "attention"), MMDIT_SPECS, n_ctx=SD3_CTX),
+    ]
+
+
+def reforge_cases() -> list[Case]:
+    import torch
+    from ldm_patched.ldm.chroma.model import Chroma
+    from ldm_patched.ldm.flux.model import Flux
+    from ldm_patched.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from ldm_patched.modules.ops import disable_weight_init  # pick_operations() for float weights, no cast
+
+    def build(cls, **sizes):
+        return randomize(cls(dtype=torch.float64, device=torch.device("cpu"), operations=disable_weight_init, **sizes))
+
+    flux_sizes = dict(in_channels=16, out_channels=16, vec_in_dim=32, patch_size=2, guidance_embed=True)
+    flux = build(Flux, image_model="flux", **flux_sizes, **FLUX_SIZES)
+    chroma_sizes = dict(in_channels=64, out_channels=64, patch_size=2, in_dim=64, out_dim=64, hidden_dim=96, n_layers=2)
+    chroma = build(Chroma, image_model="chroma", **chroma_sizes, **FLUX_SIZES)
+    mmdit = build(OpenAISignatureMMDITWrapper, out_channels=16, **MMDIT_SIZES)
+    sd35 = build(OpenAISignatureMMDITWrapper, out_channels=16, x_block_self_attn_layers=[0], **MMDIT_SIZES)
+    flux_attention = ("ldm_patched.ldm.flux.math", "optimized_attention")  # flux/chroma layers call math.attention
+    mmdit_attention = ("ldm_patched.ldm.modules.diffusionmodules.mmdit", "optimized_attention")
+    sd3_inputs, kontext = draw_inputs((9, 13), ("guidance",)), draw_inputs((9, 13), ref=(6, 8))
+    return [
+        Case("Flux", flux, draw_inputs((9, 13)), flux_attention, FLUX_SPECS, rel=ROPE_REL),
+        Case("Flux+Kontext", flux, kontext, flux_attention, FLUX_SPECS, n_extra=3 * 4, rel=ROPE_REL),
+        Case("Chroma", chroma, draw_inputs((9, 13), ("y",)), flux_attention, FLUX_SPECS, rel=ROPE_REL),
+        Case("MMDiT", mmdit, sd3_inputs, mmdit_attention, MMDIT_SPECS, n_ctx=SD3_CTX),
+        Case("MMDiT+attn2", sd35, sd3_inputs, mmdit_attention, MMDIT_SPECS, n_ctx=SD3_CTX),
+    ]
+
+
+def gaussian_1d(sigma: float, side: int):
+    """SEG's kernel: ceil(6 sigma) + 1 made odd, at most the side (side + 1 when even) so that reflect
+    padding by k // 2 fits; weights exp(-x^2 / 2 sigma^2) at integer offsets, normalised to sum 1."""
+    import torch
+
+    six = math.ceil(6.0 * sigma)
+    size = min(six + 1 if six % 2 == 0 else six, side + 1 if side % 2 == 0 else side)
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    weights = torch.exp(-(offsets**2) / (2.0 * sigma**2))
+    return weights / weights.sum()
+
+
+def blur_maps(maps, sigma: float):
+    """(N, C, h, w) maps blurred as the official SEG code does: reflect pad, dense k_h x k_w depthwise
+    convolution with the outer product of the two 1D kernels; sigma > 9999 is the per-map mean."""
+    import torch.nn.functional as F
+
+    if sigma > 9999:
+        return maps.mean(dim=(-2, -1), keepdim=True).expand_as(maps)
+    k_h, k_w = gaussian_1d(sigma, maps.shape[-2]), gaussian_1d(sigma, maps.shape[-1])
+    kernel = (k_h[:, None] * k_w[None, :]).to(maps).expand(maps.shape[1], 1, len(k_h), len(k_w))
+    padded = F.pad(maps, (len(k_w) // 2, len(k_w) // 2, len(k_h) // 2, len(k_h) // 2), mode="reflect")
+    return F.conv2d(padded, kernel, groups=maps.shape[1])
+
+
+class Reference:
+    """Swaps the host's attention function; in the chosen blocks, attention with blurred image logit rows."""
+
+    def __init__(self, case: Case, chosen, grid: tuple[int, int], sigma: float):
+        self.case, self.chosen, self.grid, self.sigma = case, set(chosen), grid, sigma
+        self.layer, self.calls_in_block, self.explicit = None, 0, 0
+
+    def enter_block(self, layer):
+        def pre_hook(*_):
+            self.layer, self.calls_in_block = layer, 0
+
+        return pre_hook
+
+    def attention(self, original):
+        def attention(q, k, v, heads, **kwargs):
+            self.calls_in_block += 1
+            if self.layer not in self.chosen:
+                return original(q, k, v, heads, **kwargs)
+            assert kwargs.get("mask") is None and not kwargs.get("skip_output_reshape"), kwargs
+            if not kwargs.get("skip_reshape"):  # (B, L, heads*D), MMDiT's v (B, L, heads, D) -> (B, heads, L, D)
+                q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
+            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            rows = self.image_rows(logits.shape[2])
+            part = logits[:, :, rows]  # (B, heads, h*w, L_k)
+            maps = part.reshape(-1, *self.grid, part.shape[-1]).permute(0, 3, 1, 2)
+            logits[:, :, rows] = blur_maps(maps, self.sigma).permute(0, 2, 3, 1).reshape(part.shape)
+            self.explicit += 1
+            return (logits.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+
+        return attention
+
+    def image_rows(self, length: int) -> slice:
+        n_image = self.grid[0] * self.grid[1]
+        if self.calls_in_block == 2:  # SD3.5's second, image-only attention of the x block
+            assert length == n_image, (length, n_image)
+            return slice(0, n_image)
+        assert self.calls_in_block == 1 and length == self.case.n_ctx + n_image + self.case.n_extra, length
+        return slice(self.case.n_ctx, self.case.n_ctx + n_image)
+
+
+def blocks(model):
+    from lib_seg.dit.layers import DitLayer
+
+    for kind in ("double", "single", "joint"):
+        for index, block in enumerate(getattr(model, f"{kind}_blocks", ())):
+            yield DitLayer(kind, index), block
+
+
+def call(case: Case):
+    import torch
+
+    with torch.no_grad():
+        inputs = dict(case.inputs)
+        return case.model(inputs.pop("x"), inputs.pop("t"), control=None, transformer_options={}, **inputs)
+
+
+def reference(case: Case, chosen, grid, sigma):
+    ref = Reference(case, chosen, grid, sigma)
+    module = importlib.import_module(case.attention[0])
+    original = getattr(module, case.attention[1])
+    handles = [block.register_forward_pre_hook(ref.enter_block(layer)) for layer, block in blocks(case.model)]
+    setattr(module, case.attention[1], ref.attention(original))
+    try:
+        out = call(case)
+    finally:
+        setattr(module, case.attention[1], original)
+        for handle in handles:
+            handle.remove()
+    attn2 = lambda block: bool(getattr(getattr(block, "x_block", None), "x_block_self_attn", False))  # noqa: E731
+    expected = sum(1 + attn2(block) for layer, block in blocks(case.model) if layer in ref.chosen)
+    assert ref.explicit == expected, f"{ref.explicit} explicit attention calls, expected {expected}"
+    return out
+
+
+def no_hooks(model) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def run_case(host: str, case: Case, report) -> None:
+    from lib_seg.dit.hooks import blurred_dit_queries
+    from lib_seg.dit.layers import resolve_layers
+
+    latent = tuple(case.inputs["x"].shape[-2:])
+    grid = (-(-latent[0] // 2), -(-latent[1] // 2))  # 2x2 patches (even latent for Forge's MMDiTX)
+    label = f"{host} {case.name} {latent[0]}x{latent[1]}"
+    report(no_hooks(case.model), f"{label}: no hooks before")
+    plain = call(case)
+    scale = float(plain.abs().max())
+    skips = []
+    for spec in case.specs:
+        chosen = resolve_layers(spec, [layer for layer, _ in blocks(case.model)])
+        for sigma in SIGMAS:
+            with blurred_dit_queries(case.model, chosen, sigma, on_skip=lambda *a: skips.append(a)):
+                seg = call(case)
+            expected = reference(case, chosen, grid, sigma)
+            err = float((seg - expected).abs().max()) / scale
+            effect = float((seg - plain).abs().max()) / scale
+            ok = err <= case.rel and effect > EFFECT_FACTOR * case.rel and seg.dtype == plain.dtype
+            report(ok, f"{label} {spec:>3} sigma={sigma}: rel err {err:.2e} <= {case.rel:.1e}, effect {effect:.2e}")
+    report(not skips, f"{label}: no block skipped {skips}")
+    report(no_hooks(case.model), f"{label}: no hooks left")
+    report(bool(call(case).equal(plain)), f"{label}: plain output bit-identical after")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", choices=sorted(HOSTS), required=True)
+    host = parser.parse_args().host
+    tree = setup(host)
+    import torch
+
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (100x here on a busy 2-core machine)
+    failures = []
+
+    def report(ok: bool, line: str) -> None:
+        print(("PASS " if ok else "FAIL ") + line, flush=True)
+        if not ok:
+            failures.append(line)
+
+    print(f"{host} tree {tree}, torch {torch.__version__}")
+    for case in forge2_cases() if host == "forge2" else reforge_cases():
+        run_case(host, case, report)
+    print(f"{len(failures)} failed" if failures else "OK")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
