@@ -2,8 +2,9 @@
 
 Skipped unless ``WEBUI_URL`` is set, e.g. ``WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e``.
 ``WEBUI_LOG`` (optional) names the server's console log, so tests can check what a request printed.
-The server must have an SD1.x/SD2.x/SDXL checkpoint loaded (random weights are fine: the tests compare
-images with each other, never with references).
+The server must have a checkpoint loaded (random weights are fine: the tests compare images with each
+other, never with references): an SD1.x/SD2.x/SDXL UNet runs test_api.py and test_layers_and_grids.py,
+a DiT (SD3 on A1111) runs test_dit.py; the other files skip themselves.
 """
 
 import base64
@@ -75,6 +76,21 @@ def model_layers(api) -> list[str]:
     marker = "it has "
     assert marker in text, body
     return text[text.index(marker) + len(marker) :].split('"')[0].split("\\")[0].split(",")
+
+
+@pytest.fixture(scope="session")
+def is_dit(model_layers) -> bool:
+    """A DiT names its blocks d/s/j (Flux, SD3); every UNet has a middle block m0."""
+    return not any(item.startswith("m") for item in model_layers)
+
+
+@pytest.fixture(autouse=True)
+def _loaded_model_fits_the_file(request):
+    if not URL:
+        return
+    wants_dit = request.module.__name__.rsplit(".", 1)[-1] == "test_dit"
+    if request.getfixturevalue("is_dit") != wants_dit:
+        pytest.skip("needs a DiT (SD3/Flux) loaded" if wants_dit else "needs a UNet (SD1.x/SD2.x/SDXL) loaded")
 
 
 @pytest.fixture(scope="session")
