@@ -5,7 +5,7 @@
 
 Not a test: prints median milliseconds per call for each map size.  "ours" is what
 ``blur_queries`` picks; "axis" forces the two axis products, "grid" the single N x N product
-(``lib_seg.blur.use_grid_operator`` chooses between them).
+(``lib_seg.core.blur.use_grid_operator`` chooses between them).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_seg import blur
-from lib_seg.blur import blur_queries, gaussian_kernel_1d, kernel_size
+from lib_seg.core import blur
+from lib_seg.core.blur import blur_queries, gaussian_kernel_1d, kernel_size
 
 
 def forced(grid: bool):

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.seg_step import MODELS, Timer, prefix_error, step_arguments  # noqa: E402
-from lib_seg import forge  # noqa: E402
-from lib_seg.params import SegParams  # noqa: E402
+from lib_seg.core.params import SegParams  # noqa: E402
+from lib_seg.forge import adapter as forge  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
 from tests.support.unet import UNetModel  # noqa: E402
 

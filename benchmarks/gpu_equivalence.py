@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import forge_step
 from benchmarks.seg_step import build_model, make_inputs, seg_run
-from lib_seg import a1111
+from lib_seg.a1111 import adapter as a1111
 from tests.support import forge_host as host
 from tests.support.a1111_host import CFGDenoiser
 

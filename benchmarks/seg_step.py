@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from contextlib import contextmanager, nullcontext  # noqa: E402
 
-from lib_seg import a1111, query_hooks  # noqa: E402
-from lib_seg.blur import blur_queries  # noqa: E402
-from lib_seg.params import SegParams  # noqa: E402
+from lib_seg.a1111 import adapter as a1111  # noqa: E402
+from lib_seg.core import query_hooks  # noqa: E402
+from lib_seg.core.blur import blur_queries  # noqa: E402
+from lib_seg.core.params import SegParams  # noqa: E402
 from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel  # noqa: E402
 from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel  # noqa: E402
 

@@ -11,8 +11,9 @@ import logging
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-from lib_seg import a1111, infotext, script_args, xyz
-from lib_seg import ui as seg_ui
+from lib_seg.a1111 import adapter as a1111
+from lib_seg.webui import infotext, script_args, xyz
+from lib_seg.webui import ui as seg_ui
 
 try:
     from modules.ui_components import InputAccordion
@@ -26,7 +27,7 @@ STATE_ATTR = "_seg_state"
 def _forge():
     """The Forge-family adapter if this host is Forge, new Forge or reForge, else None."""
     try:
-        from lib_seg import forge
+        from lib_seg.forge import adapter as forge
     except ImportError:
         return None
     return forge if forge.host_kind() else None

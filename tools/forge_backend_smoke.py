@@ -33,9 +33,10 @@ def main() -> None:
     from backend.sampling import sampling_function as sf
     from backend.sampling.condition import ConditionCrossAttn
 
-    from lib_seg import forge, forge_host
-    from lib_seg.blur import blur_queries
-    from lib_seg.params import SegParams
+    from lib_seg.core.blur import blur_queries
+    from lib_seg.core.params import SegParams
+    from lib_seg.forge import adapter as forge
+    from lib_seg.forge import host as forge_host
 
     torch.manual_seed(0)
     print("host_kind:", forge.host_kind())

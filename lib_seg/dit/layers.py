@@ -10,7 +10,7 @@ double-stream block, not a UNet down block: DiT specs are a separate namespace.
 A spec is a comma-separated, case-insensitive list of presets (``double``, ``single``, ``joint``,
 ``all``) and items (``d7``, ranges inclusive ``d7-9``).  It is checked against the blocks the loaded
 model really has (the adapter passes the counts it finds), and an error names the field and lists
-them, as :mod:`lib_seg.layers` does for UNets (whose spec helpers are reused).
+them, as :mod:`lib_seg.core.layers` does for UNets (whose spec helpers are reused).
 
 Defaults (:func:`default_layer_spec`) follow the only published DiT layer choices, from perturbed-
 or skipped-layer guidance (``docs/dit.md``, "Default layers"):
@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ..layers import compress_runs, index_range, spec_items
+from lib_seg.core.layers import compress_runs, index_range, spec_items
 
 KINDS = ("double", "single", "joint")
 KIND_OF_LETTER = {"d": "double", "s": "single", "j": "joint"}

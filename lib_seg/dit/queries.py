@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from ..blur import blur_queries
+from lib_seg.core.blur import blur_queries
 
 Layout = Literal["bhld", "blhd", "bld"]
 Rows = slice | Sequence[int] | torch.Tensor | None

@@ -1,7 +1,7 @@
 """lib_seg.dit.queries inside DiT blocks (tests/support/dit_blocks.py), against a slow float64 path.
 
 The slow path never blurs a query: it computes the attention explicitly and blurs the image rows of
-the pre-softmax logits with the dense reference blur of tests/test_blur.py.  SEG's blur of the image
+the pre-softmax logits with the dense reference blur of tests/core/test_blur.py.  SEG's blur of the image
 queries feeding the fused kernel must give the same block output (paper Prop. 3.1), whichever hook
 point a host offers: the q entering attention (after RoPE), Flux's QK-norm output before RoPE
 (through ``blur_before_rope``), or MMDiT's ``ln_q`` output.  Float64 comparisons of a whole block use

@@ -7,8 +7,8 @@ import torch
 
 from lib_seg.dit.geometry import image_token_slice, patch_grid
 from lib_seg.dit.queries import blur_image_queries
+from tests.core.test_blur import blur_bound, reference_blur
 from tests.support.tolerance import assert_within, max_abs, sum_rounding_bound
-from tests.test_blur import blur_bound, reference_blur
 
 SIGMAS = [0.7, 2.5, 100.0, math.inf]
 HEADS, HEAD_DIM, N_TXT, N_EXTRA = 3, 4, 5, 3

@@ -2,7 +2,7 @@
 
 UNet (:func:`seg_unet`): a deep copy of the UNet gets the chosen ``attn1`` modules' ``forward``
 replaced by plain Python that projects q, blurs it with the dense float64 reference of
-``tests/test_blur.py`` on the grid its SpatialTransformer saw, and finishes the attention itself.
+``tests/core/test_blur.py`` on the grid its SpatialTransformer saw, and finishes the attention itself.
 
 DiT (:func:`blurred_logits`): no query is touched at all; the chosen blocks of a
 tests/support/dit_models.py model compute attention explicitly and their pre-softmax logits get the
@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
-from lib_seg.layers import LayerKey
-from tests.test_blur import reference_blur
+from lib_seg.core.layers import LayerKey
+from tests.core.test_blur import reference_blur
 
 from .dit_blocks import Hooks
 from .unet import CrossAttention, SpatialTransformer, UNetModel, attention

@@ -1,0 +1,288 @@
+"""AUTOMATIC1111 (1.9-1.10) adapter: translates the host's objects into core calls.
+
+How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_denoiser.py``):
+
+* ``process_before_every_sampling`` attaches a :class:`SegRun` to the sampler's ``CFGDenoiser``
+  (``p.sampler.model_wrap_cfg``) and wraps that *instance's* ``combine_denoised``.  txt2img makes a
+  new denoiser per batch and for the hires pass, img2img reuses one, so attaching is idempotent.
+* The ``cfg_denoiser`` callback hands us the rows the main pass uses: cond rows first (one per AND
+  sub-prompt), with their x, sigma, image-cond and text cond.  We keep the cond rows.
+* Inside ``combine_denoised`` (before the inpaint mask blend, so masked areas stay protected) we run
+  one extra ``inner_model`` call on those cond rows with the queries of the chosen attn1 layers
+  blurred, and add ``seg_scale * sum_w w (cond - cond_seg)`` per image.  Being a separate call, it
+  does not care how the main pass was batched (batch_cond_uncond, prompt lengths, skipped uncond).
+* Batched mode (``batch_rows``, when the host batches cond and uncond in one call of equal token
+  length): the callback inserts the SEG rows between the cond and the uncond rows instead, the
+  inner model's call blurs only those rows, and with ``prefix_reuse`` the blocks before the first
+  blurred one compute them once (:mod:`lib_seg.core.batching`).  Anything else uses the separate call.
+* Errors (bad settings, layers the model lacks) are raised from inside sampling: A1111 only logs
+  exceptions from script hooks, but one from the denoiser fails the request with the message.
+No host module is imported at module level; the script passes host objects in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from lib_seg.core import batching, guidance, query_hooks, schedule, targets
+from lib_seg.core.params import SegParams
+
+RUN_ATTR = "_seg_run"
+WRAPPED_ATTR = "_seg_wrapped_combine"
+WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
+ERROR_ATTR = "_seg_raises"
+
+
+def diffusion_model(sd_model: Any) -> Any:
+    """``sd_model.model.diffusion_model``: the ldm/sgm UNet, or SD3's MMDiT (``modules/models/sd3``)."""
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def query_target(sd_model: Any) -> targets.UnetTarget | None:
+    return targets.query_target(diffusion_model(sd_model))
+
+
+def layer_text(sd_model: Any, spec: str) -> str:
+    """The canonical spec infotext records for this model; raises when the model lacks the layers."""
+    return query_target(sd_model).canonical(spec)
+
+
+def unsupported_reason(sd_model: Any, custom_unet: Any = None) -> str | None:
+    """Why SEG cannot run on this model (None if it can).  Such models are left untouched."""
+    if getattr(sd_model, "cond_stage_key", None) == "edit":
+        return "edit models (InstructPix2Pix) are not supported"
+    if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
+        return "unCLIP models are not supported"
+    if custom_unet is not None:
+        return "a custom UNet (sd_unet setting, e.g. TensorRT) bypasses the attention layers"
+    if query_target(sd_model) is None:
+        return "this model is neither an ldm/sgm UNet nor an SD3 transformer (MMDiT)"
+    return None
+
+
+def condition_dict(text_cond: Any, image_cond: torch.Tensor) -> dict[str, Any]:
+    """The cond dict ``CFGDenoiser`` builds for ``inner_model`` (SDXL: crossattn/vector dict)."""
+    if isinstance(text_cond, Mapping):
+        return {**text_cond, "c_concat": [image_cond]}
+    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
+
+
+def _crossattn(text_cond: Any) -> torch.Tensor:
+    return text_cond["crossattn"] if isinstance(text_cond, Mapping) else text_cond
+
+
+def cond_rows(text_cond: Any) -> int:
+    return int(_crossattn(text_cond).shape[0])
+
+
+def _doubled(text_cond: Any) -> Any:
+    """The cond rows twice.  SDXL conds are A1111's ``DictWithShape`` (a dict with a ``shape``
+    property the host reads), so the copy keeps the class."""
+    if isinstance(text_cond, Mapping):
+        doubled = copy.copy(text_cond)
+        for key, value in text_cond.items():
+            doubled[key] = torch.cat([value, value])
+        return doubled
+    return torch.cat([text_cond, text_cond])
+
+
+@dataclass
+class BatchedStep:
+    """This step's SEG rows are ``n_cond .. 2 n_cond`` of the main call (``rows`` or ``rows - uncond``)."""
+
+    n_cond: int
+    rows: tuple[int, ...]
+    setting: tuple[float, float]
+    ran: bool = False  # set once the main call really blurred the SEG rows
+
+
+@dataclass
+class SegRun:
+    """SEG for one sampling pass: validated settings, or the error to raise inside sampling."""
+
+    params: SegParams | None
+    is_hr_pass: bool = False
+    error: Exception | None = None
+    batch_rows: bool = False
+    prefix_reuse: bool = True
+    captured: tuple | None = None
+    batched: BatchedStep | None = None
+    wrapped_models: list = field(default_factory=list)
+    on_skip: query_hooks.SkipCallback | None = None  # None: the target's warner
+    _resolved: dict = field(default_factory=dict)
+
+    def capture(self, denoiser_params: Any) -> None:
+        """``cfg_denoiser`` callback: keep the cond rows of the main pass (they come first), and in
+        batched mode add the SEG rows to it (the host reads x, sigma, image_cond, text_cond back)."""
+        dp = denoiser_params
+        n = cond_rows(dp.text_cond)
+        self.captured = (dp.x[:n], dp.sigma[:n], dp.image_cond[:n], dp.text_cond)
+        self.batched = None
+        if self.error is not None or not self.batch_rows or not self._batchable(dp):
+            return
+        setting = self.active(dp.denoiser)
+        if setting is None:
+            return
+        uncond = dp.x.shape[0] - n
+        dp.x, dp.sigma, dp.image_cond = (batching.with_seg_rows(t, n) for t in (dp.x, dp.sigma, dp.image_cond))
+        dp.text_cond = _doubled(dp.text_cond)
+        self.batched = BatchedStep(n, (2 * n + uncond, 2 * n), setting)
+        if _wrap_inner_forward(dp.denoiser):
+            self.wrapped_models.append(dp.denoiser.inner_model)
+
+    @staticmethod
+    def _batchable(dp: Any) -> bool:
+        """One main call holds every row only when cond and uncond have the same token count."""
+        uncond = getattr(dp, "text_uncond", None)
+        return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
+
+    def layers_for(self, target: targets.UnetTarget) -> tuple:
+        """Resolve the spec against the network in use now (the refiner may swap it mid-run)."""
+        key = id(target.model)
+        if key not in self._resolved:
+            self._resolved[key] = target.resolve(self.params.layers)
+        if self.on_skip is None:
+            self.on_skip = target.skip_warner()
+        return self._resolved[key]
+
+    def active(self, denoiser: Any) -> tuple[float, float] | None:
+        if self.error is not None:
+            raise self.error
+        setting = self.params.for_pass(self.is_hr_pass) if self.params else None
+        if setting is None:
+            return None
+        progress = schedule.progress(denoiser.step, denoiser.total_steps or 0)
+        return setting if schedule.in_window(progress, self.params.start, self.params.end) else None
+
+    def seg_prediction(self, denoiser: Any, sigma_blur: float) -> torch.Tensor:
+        """One extra ``inner_model`` call on the cond rows with blurred queries."""
+        if self.captured is None:
+            raise RuntimeError("SEG: the cfg_denoiser callback did not run; is the script loaded?")
+        x, sigma, image_cond, text_cond = self.captured
+        target = query_target(denoiser.p.sd_model)
+        chosen = self.layers_for(target)
+        with target.blurred(chosen, sigma_blur, on_skip=self.on_skip):
+            return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
+
+    def blurring_rows(self, target: targets.UnetTarget, rows: int) -> ExitStack:
+        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix (UNet)."""
+        step = self.batched
+        stack = ExitStack()
+        chosen = self.layers_for(target)
+        seg_rows = slice(step.n_cond, 2 * step.n_cond)
+        stack.enter_context(target.blurred(chosen, step.setting[1], seg_rows, self.on_skip))
+        unet = target.model
+        # an instance-patched forward: recompute all; one SEG row: the hooks cost more than they save
+        if target.is_dit or not self.prefix_reuse or "forward" in vars(unet):
+            return stack
+        if batching.prefix_pays(step.n_cond):
+            n = step.n_cond
+            drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
+            stack.enter_context(batching.shared_prefix(unet, chosen, rows, rows - n, drop, expand))
+        return stack
+
+    def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:
+        step, self.batched = self.batched, None
+        if step is not None and step.ran:
+            n = step.n_cond
+            return guidance.apply_seg_composable(denoised, x_out[:n], x_out[n : 2 * n], conds_list, step.setting[0])
+        setting = step.setting if step is not None else self.active(denoiser)  # a batch the host split up
+        if setting is None:
+            return denoised
+        seg_scale, sigma_blur = setting
+        cond_seg = self.seg_prediction(denoiser, sigma_blur)
+        cond = x_out[: cond_seg.shape[0]]
+        return guidance.apply_seg_composable(denoised, cond, cond_seg, conds_list, seg_scale)
+
+
+def _wrap_inner_forward(denoiser: Any) -> bool:
+    """Blur the SEG rows during the main ``inner_model`` call of a batched step (wrapped once;
+    the refiner switch replaces the inner model, hence the check every step)."""
+    model_wrap = denoiser.inner_model
+    if hasattr(model_wrap.forward, WRAPPED_FORWARD_ATTR):
+        return False
+    original = model_wrap.forward
+
+    def forward(x, sigma, **kwargs):
+        run = getattr(denoiser, RUN_ATTR, None)
+        step = run.batched if run is not None else None
+        if step is None or x.shape[0] not in step.rows:
+            return original(x, sigma, **kwargs)
+        with run.blurring_rows(query_target(denoiser.p.sd_model), x.shape[0]):
+            out = original(x, sigma, **kwargs)
+        step.ran = True
+        return out
+
+    setattr(forward, WRAPPED_FORWARD_ATTR, original)
+    model_wrap.forward = forward
+    return True
+
+
+def _seg_combine_denoised(denoiser: Any):
+    wrapped = denoiser.combine_denoised
+
+    def combine_denoised(x_out, conds_list, uncond, cond_scale):
+        denoised = wrapped(x_out, conds_list, uncond, cond_scale)
+        run = getattr(denoiser, RUN_ATTR, None)
+        return denoised if run is None else run.combine(denoiser, denoised, x_out, conds_list)
+
+    setattr(combine_denoised, WRAPPED_ATTR, wrapped)
+    return combine_denoised
+
+
+def attach(denoiser: Any, run: SegRun) -> None:
+    """Give ``denoiser`` (a ``CFGDenoiser``) this run; wrap its ``combine_denoised`` once.
+
+    A run that carries an error makes the denoiser's first call raise it, before any UNet work.
+    """
+    if not hasattr(denoiser.combine_denoised, WRAPPED_ATTR):
+        denoiser.combine_denoised = _seg_combine_denoised(denoiser)
+    setattr(denoiser, RUN_ATTR, run)
+    _drop_raiser(denoiser)
+    if run.error is not None:
+        denoiser.forward = _raiser(run.error)
+
+
+def _raiser(error: Exception):
+    def forward(*_args, **_kwargs):
+        raise error
+
+    setattr(forward, ERROR_ATTR, True)
+    return forward
+
+
+def _drop_raiser(denoiser: Any) -> None:
+    if hasattr(vars(denoiser).get("forward"), ERROR_ATTR):
+        del denoiser.forward
+
+
+def detach(denoiser: Any) -> None:
+    """Undo :func:`attach` (restores whatever ``combine_denoised`` was there before)."""
+    if denoiser is None:
+        return
+    current = vars(denoiser).get("combine_denoised")
+    if current is not None and hasattr(current, WRAPPED_ATTR):
+        original = getattr(current, WRAPPED_ATTR)
+        if getattr(original, "__self__", None) is denoiser and original.__func__ is type(denoiser).combine_denoised:
+            del denoiser.combine_denoised
+        else:
+            denoiser.combine_denoised = original
+    _drop_raiser(denoiser)
+    run = vars(denoiser).pop(RUN_ATTR, None)
+    for model_wrap in run.wrapped_models if run is not None else ():
+        if hasattr(vars(model_wrap).get("forward"), WRAPPED_FORWARD_ATTR):
+            del model_wrap.forward
+
+
+def on_cfg_denoiser(denoiser_params: Any) -> None:
+    """Global ``on_cfg_denoiser`` callback; only denoisers we attached to are looked at."""
+    run = getattr(getattr(denoiser_params, "denoiser", None), RUN_ATTR, None)
+    if run is not None:
+        run.capture(denoiser_params)

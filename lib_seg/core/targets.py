@@ -1,0 +1,78 @@
+"""The network SEG blurs, behind one interface: a UNet (attn1 layers) or a DiT (transformer blocks).
+
+The adapters ask a target four things: which layers the loaded model has, which of them a spec
+selects, what infotext records, and a context manager in which one call of the model blurs the chosen
+queries.  A UNet answers with :mod:`lib_seg.core.layers` and :mod:`lib_seg.core.query_hooks` (A1111's path; the
+Forge family patches attn1 instead), a DiT with :mod:`lib_seg.dit`.  The same spec text means
+different layers on each: ``d4`` is UNet input block 4 but Flux double block 4; the loaded model decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from functools import cached_property
+from typing import Any
+
+from torch import nn
+
+from lib_seg.core import layers, query_hooks
+from lib_seg.dit import hooks as dit_hooks
+from lib_seg.dit import layers as dit_layers
+
+
+class UnetTarget:
+    """An ldm/sgm UNet; layers are :class:`lib_seg.core.layers.LayerKey`."""
+
+    is_dit = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @cached_property
+    def available(self) -> tuple:
+        return layers.unet_layers(self.model)
+
+    def resolve(self, spec: str) -> tuple:
+        return layers.resolve_layers(spec, self.available)
+
+    def canonical(self, spec: str) -> str:
+        return layers.canonical_spec(spec, self.available)
+
+    def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
+        return query_hooks.blurred_queries(self.model, keys, sigma, rows, on_skip)
+
+    def skip_warner(self) -> query_hooks.SkipCallback:
+        return query_hooks.skip_warner(layers.format_layers)
+
+
+class DitTarget(UnetTarget):
+    """A Flux/Chroma or SD3/SD3.5 transformer; layers are :class:`lib_seg.dit.layers.DitLayer`."""
+
+    is_dit = True
+
+    @cached_property
+    def available(self) -> tuple:
+        return dit_hooks.available_layers(self.model)
+
+    def resolve(self, spec: str) -> tuple:
+        return dit_layers.resolve_layers(spec, self.available)
+
+    def canonical(self, spec: str) -> str:
+        return dit_layers.canonical_spec(spec, self.available)
+
+    def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
+        return dit_hooks.blurred_dit_queries(self.model, keys, sigma, rows, on_skip)
+
+    def skip_warner(self) -> query_hooks.SkipCallback:
+        return query_hooks.skip_warner(dit_layers.format_layers)
+
+
+def query_target(model: Any) -> UnetTarget | None:
+    """The target for a diffusion model module, or None when SEG cannot blur it."""
+    unet = query_hooks.as_ldm_unet(model)
+    if unet is not None:
+        return UnetTarget(unet)
+    if dit_hooks.dit_family(model) is not None:
+        return DitTarget(model)
+    return None
