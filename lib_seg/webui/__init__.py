@@ -1,0 +1,1 @@
+"""Host-independent WebUI parts: gradio controls and settings, infotext, positional API arguments, X/Y/Z axes."""
