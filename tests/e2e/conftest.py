@@ -49,10 +49,36 @@ class Api:
         return body
 
 
+TITLE = "Smoothed Energy Guidance"
+
+
 def pixels(image_b64: str):
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(image_b64.split(",", 1)[-1]))).convert("RGB")
+
+
+def same(a: str, b: str) -> bool:
+    """Two base64 images are equal pixel for pixel."""
+    from PIL import ImageChops
+
+    return ImageChops.difference(pixels(a), pixels(b)).getbbox() is None
+
+
+def mean_difference(a: str, b: str) -> float:
+    """Mean absolute difference of the red channel, 0-255."""
+    from PIL import ImageChops
+
+    diff = ImageChops.difference(pixels(a), pixels(b))
+    return sum(diff.getdata(band=0)) / (diff.width * diff.height)
+
+
+def txt2img(api: "Api", base: dict, args: list | None = None, **changes) -> dict:
+    """A txt2img request: ``base`` with ``changes``, SEG's ``args`` when given."""
+    payload = {**base, **changes}
+    if args is not None:
+        payload["alwayson_scripts"] = {TITLE: {"args": args}}
+    return api.generate("/sdapi/v1/txt2img", payload)
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import json
 import pytest
 from PIL import Image, ImageChops
 
-from .conftest import pixels
+from . import conftest
+from .conftest import TITLE, mean_difference, pixels, same
 
-TITLE = "Smoothed Energy Guidance"
 BASE = {
     "prompt": "a red house by a lake",
     "negative_prompt": "blurry",
@@ -25,14 +25,7 @@ BASE = {
 
 
 def txt2img(api, args=None, **changes):
-    payload = {**BASE, **changes}
-    if args is not None:
-        payload["alwayson_scripts"] = {TITLE: {"args": args}}
-    return api.generate("/sdapi/v1/txt2img", payload)
-
-
-def same(a: str, b: str) -> bool:
-    return ImageChops.difference(pixels(a), pixels(b)).getbbox() is None
+    return conftest.txt2img(api, BASE, args, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +180,6 @@ def _no_norm_emphasis(api) -> dict:
 
 def _uniform(image: str) -> bool:
     return all(low == high for low, high in pixels(image).getextrema())
-
-
-def mean_difference(a: str, b: str) -> float:
-    diff = ImageChops.difference(pixels(a), pixels(b))
-    return sum(diff.getdata(band=0)) / (diff.width * diff.height)
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,10 @@ import threading
 import time
 
 import pytest
-from PIL import ImageChops
 
-from .conftest import pixels
+from . import conftest
+from .conftest import TITLE, mean_difference, pixels, same
 
-TITLE = "Smoothed Energy Guidance"
 BASE = {
     "prompt": "a red house by a lake",
     "negative_prompt": "blurry",
@@ -31,19 +30,7 @@ BASE = {
 
 
 def txt2img(api, args=None, **changes):
-    payload = {**BASE, **changes}
-    if args is not None:
-        payload["alwayson_scripts"] = {TITLE: {"args": args}}
-    return api.generate("/sdapi/v1/txt2img", payload)
-
-
-def same(a: str, b: str) -> bool:
-    return ImageChops.difference(pixels(a), pixels(b)).getbbox() is None
-
-
-def mean_difference(a: str, b: str) -> float:
-    diff = ImageChops.difference(pixels(a), pixels(b))
-    return sum(diff.getdata(band=0)) / (diff.width * diff.height)
+    return conftest.txt2img(api, BASE, args, **changes)
 
 
 def infotext(result: dict) -> str:
