@@ -23,6 +23,8 @@ import importlib
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 HOSTS = {"forge2": ("FORGE_DIR", "/work/hosts/forge2"), "reforge": ("REFORGE_DIR", "/work/hosts/reforge")}
@@ -239,20 +241,33 @@ def call(case: Case):
         return case.model(inputs.pop("x"), inputs.pop("t"), control=None, transformer_options={}, **inputs)
 
 
-def reference(case: Case, chosen, grid, sigma):
+@contextmanager
+def reference_attention(case: Case, chosen, grid, sigma) -> Iterator[Reference]:
+    """Within the block, every call of ``case.model`` runs the reference attention in the ``chosen`` blocks
+    (however it is called: directly or through a host's sampler); ``Reference.explicit`` counts those calls."""
     ref = Reference(case, chosen, grid, sigma)
     module = importlib.import_module(case.attention[0])
     original = getattr(module, case.attention[1])
     handles = [block.register_forward_pre_hook(ref.enter_block(layer)) for layer, block in blocks(case.model)]
     setattr(module, case.attention[1], ref.attention(original))
     try:
-        out = call(case)
+        yield ref
     finally:
         setattr(module, case.attention[1], original)
         for handle in handles:
             handle.remove()
+
+
+def explicit_calls(model, chosen) -> int:
+    """Reference attention calls one model call makes: one per chosen block, two in SD3.5's attn2 blocks."""
     attn2 = lambda block: bool(getattr(getattr(block, "x_block", None), "x_block_self_attn", False))  # noqa: E731
-    expected = sum(1 + attn2(block) for layer, block in blocks(case.model) if layer in ref.chosen)
+    return sum(1 + attn2(block) for layer, block in blocks(model) if layer in set(chosen))
+
+
+def reference(case: Case, chosen, grid, sigma):
+    with reference_attention(case, chosen, grid, sigma) as ref:
+        out = call(case)
+    expected = explicit_calls(case.model, chosen)
     assert ref.explicit == expected, f"{ref.explicit} explicit attention calls, expected {expected}"
     return out
 

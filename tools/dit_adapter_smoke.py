@@ -1,0 +1,287 @@
+"""Smoke check of lib_seg.forge.adapter on Flux, Chroma and SD3 through a REAL Forge 2.x or reForge sampler (not
+a test: it needs a host tree and its venv).
+
+The host's own tiny float64 transformers of ``tools/dit_backend_smoke.py`` are wrapped as the hosts wrap them:
+Forge 2.x ``UnetPatcher.from_model`` (``KModel`` with the engine's predictor: ``PredictionFlux`` for Flux and
+Chroma, ``PredictionDiscreteFlow(shift=3)`` for SD3), reForge ``supported_models.X(config).get_model({})``
+(``model_base.Flux`` / ``Chroma`` / ``SD3``) in ``modules_forge.unet_patcher.UnetPatcher``.  One denoiser step
+runs as the hosts' ``CFGDenoiser`` runs it: Forge 2.x's ``backend.sampling.sampling_function.sampling_function``
+(which reads ``forge_objects.unet`` from the denoiser, compiles the webui conds and calls
+``sampling_function_inner``), reForge's ``ldm_patched.modules.samplers.sampling_function`` with the model and
+``model_options`` read from ``forge_objects.unet`` as ``modules/sd_samplers_cfg_denoiser.py`` does.
+
+``lib_seg.forge.adapter.patch_unet`` is called on a minimal ``p`` (``sd_model.forge_objects.unet``, the
+denoiser counters ``step`` / ``total_steps`` in ``sampler.model_wrap_cfg``), at CFG 1 and 4, batch 2, with the
+SEG rows batched into the main call and in a separate call, on a 9x13 latent (Forge 2.x's MMDiTX: 10x14, it
+fails on odd sides by itself).  Its output must equal an expectation that runs no lib_seg code::
+
+    plain denoised + 3 * (cond_plain - cond_ref)
+
+where the plain denoised comes from the same host step without SEG, and ``cond_plain`` / ``cond_ref`` from the
+host's cond-only batching (``calc_cond_uncond_batch`` / ``calc_cond_batch``), ``cond_ref`` with the host's
+attention function swapped for the reference of ``dit_backend_smoke`` (blurred image logit rows in the chosen
+blocks).  Also checked: the number and size of the transformer's calls (batched: one call with the SEG rows
+appended; separate: the main call, then one cond-only call), no hooks left on the transformer, the plain
+patcher's ``model_options`` untouched, SEG off (disabled, scale 0) bit-identical to no extension, and a layer
+spec the model lacks fails sampling with a ValueError that names the model's blocks.
+
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR as in dit_backend_smoke):
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_adapter_smoke.py --host forge2
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_adapter_smoke.py --host reforge
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import dit_backend_smoke as smoke  # this script's folder is sys.path[0]
+
+SEG_SCALE, SIGMA_T, IMAGES = 3.0, 0.8, smoke.BATCH
+# (layers, blur sigma) per family: a finite blur on some blocks (SD3.5's attn2 block j0 included), the mean on all
+SETTINGS = {"flux": (("d1,s0", 1.5), ("all", math.inf)), "mmdit": (("j0", 1.5), ("all", math.inf))}
+# Bounds on max|seg - expected| / (3 * max|x - cond_plain|): the hosts' prediction is x - sigma * output, so
+# max|x - cond_plain| is sigma times the transformer's output scale, the scale dit_backend_smoke's bounds are
+# relative to.  The transformer runs as there (Flux/Chroma: float32 RoPE, ROPE_REL; MMDiT: FLOAT64_REL), but both
+# hosts' apply_model cast its output to float32 (Forge 2.x ``KModel.apply_model`` / reForge
+# ``BaseModel._apply_model``: ``.float()``), so every prediction in the two sums may round differently by one
+# float32 ulp (2**-23 of the output scale): denoised (up to 1 + 2 * 4 terms at CFG 4, divided by the SEG scale 3)
+# and the two cond terms of each sum give at most 7 ulps; 2**4 float32 epsilons of room.
+F32_OUTPUT_REL = 2.0**4 * 2.0**-23
+
+
+@dataclass
+class Family:
+    name: str  # "flux" (Flux, Chroma) or "mmdit" (SD3)
+    blocks: str  # the model's blocks in SEG's layer syntax, written here from its ModuleLists
+
+    @classmethod
+    def of(cls, model) -> Family:
+        if hasattr(model, "joint_blocks"):
+            return cls("mmdit", f"j0-{len(model.joint_blocks) - 1}")
+        return cls("flux", f"d0-{len(model.double_blocks) - 1},s0-{len(model.single_blocks) - 1}")
+
+
+class Forge2:
+    """Forge 2.x: ``UnetPatcher.from_model`` (KModel) and ``sampling_function(denoiser, params, scale, comp)``."""
+
+    def __init__(self):
+        import torch
+        from backend.sampling import condition
+        from backend.sampling import sampling_function as sampling
+        from modules.prompt_parser import DictWithShape
+
+        self.torch, self.sampling, self.condition, self.dict_with_shape = torch, sampling, condition, DictWithShape
+
+    def cases(self):
+        return smoke.forge2_cases()
+
+    def wrap(self, case):
+        from backend.modules.k_prediction import PredictionDiscreteFlow, PredictionFlux
+        from backend.patcher.unet import UnetPatcher
+
+        model, cpu = case.model, self.torch.device("cpu")
+        model.storage_dtype = model.computation_dtype = self.torch.float64  # as backend/loader.py sets them
+        model.load_device = model.offload_device = model.initial_device = cpu
+        mmdit = Family.of(model).name == "mmdit"  # diffusion_engine/sd35.py; flux.py (schnell) and chroma.py
+        predictor = PredictionDiscreteFlow(shift=3.0) if mmdit else PredictionFlux(mu=1.0)
+        return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=predictor, config=None)
+
+    def text_conds(self, inputs: dict):
+        """What the engines' get_learned_conditioning returns: Flux {crossattn, vector, guidance}, SD3
+        {crossattn, vector}, Chroma the T5 tensor; DictWithShape as prompt_parser's reconstruct_*_batch gives."""
+        if "y" not in inputs:
+            return inputs["context"]
+        cond = {"crossattn": inputs["context"], "vector": inputs["y"]}
+        if "guidance" in inputs:
+            cond["guidance"] = inputs["guidance"]
+        return self.dict_with_shape(cond)
+
+    def step(self, denoiser, x, sigma, cond, uncond, cfg: float):
+        """One ``CFGDenoiser.forward`` (modules/sd_samplers_cfg_denoiser.py:199,222): the denoiser is ``self``."""
+        params = SimpleNamespace(x=x, sigma=sigma, text_cond=cond, text_uncond=uncond, image_cond=None)
+        composition = [[(i, 1.0)] for i in range(x.shape[0])]  # one prompt per image, weight 1
+        denoised, _, _ = self.sampling.sampling_function(denoiser, params, cfg, composition)
+        denoiser.step += 1
+        return denoised
+
+    def cond_pass(self, patcher, x, sigma, cond):
+        composition = [[(i, 1.0)] for i in range(x.shape[0])]
+        compiled = self.condition.compile_weighted_conditions(cond, composition)
+        options = patcher.model_options
+        return self.sampling.calc_cond_uncond_batch(patcher.model, compiled, None, x, sigma, options)[0]
+
+
+class ReForge:
+    """reForge: ``supported_models.X(config).get_model({})`` in ``UnetPatcher``, ``samplers.sampling_function``."""
+
+    def __init__(self):
+        import torch
+        from ldm_patched.modules import conds, samplers
+
+        self.torch, self.samplers, self.conds = torch, samplers, conds
+
+    def cases(self):
+        wanted = ("Flux", "Chroma", "MMDiT", "MMDiT+attn2")  # Kontext needs ref_latents conds: not here
+        return [case for case in smoke.reforge_cases() if case.name in wanted]
+
+    def wrap(self, case):
+        from ldm_patched.modules import supported_models
+        from modules_forge.unet_patcher import UnetPatcher
+
+        model, cpu = case.model, self.torch.device("cpu")
+        configs = {"Flux": supported_models.Flux, "Chroma": supported_models.Chroma}
+        config = configs.get(type(model).__name__, supported_models.SD3)({"disable_unet_model_creation": True})
+        config.set_inference_dtype(self.torch.float64, None)
+        base = config.get_model({}, device=cpu)  # model_base.Flux / Chroma / SD3, its model_sampling included
+        base.diffusion_model = model  # the float64 build of dit_backend_smoke instead of one from a state dict
+        return UnetPatcher(base, load_device=cpu, offload_device=cpu)
+
+    def text_conds(self, inputs: dict):
+        entry = {"c_crossattn": self.conds.CONDCrossAttn(inputs["context"])}
+        for key in ("y", "guidance"):
+            if key in inputs:
+                entry[key] = self.conds.CONDRegular(inputs[key])
+        return [{"model_conds": entry}]
+
+    def step(self, denoiser, x, sigma, cond, uncond, cfg: float):
+        """``CFGDenoiser.forward``'s sampling (modules/sd_samplers_cfg_denoiser.py:208-245)."""
+        unet = denoiser.inner_model.inner_model.forge_objects.unet
+        denoised = self.samplers.sampling_function(unet.model, x, sigma, uncond, cond, cfg, unet.model_options, 0)
+        denoiser.step += 1
+        return denoised
+
+    def cond_pass(self, patcher, x, sigma, cond):
+        return self.samplers.calc_cond_batch(patcher.model, [cond], x, sigma, patcher.model_options)[0]
+
+
+def processing(patcher):
+    """``p`` as process_before_every_sampling sees it; its denoiser is also the ``self`` of the host's sampling."""
+    sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=patcher))
+    denoiser = SimpleNamespace(step=0, total_steps=1, inner_model=SimpleNamespace(inner_model=sd_model))
+    denoiser.p = SimpleNamespace(seeds=[0])
+    return SimpleNamespace(sd_model=sd_model, is_hr_pass=False, sampler=SimpleNamespace(model_wrap_cfg=denoiser))
+
+
+@contextmanager
+def counted_calls(model) -> Iterator[list[int]]:
+    """The batch size of every call of the transformer (a forward pre-hook, removed on exit)."""
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _module, args: rows.append(int(args[0].shape[0])))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def raised(function: Callable) -> Exception | None:
+    try:
+        function()
+    except Exception as error:  # the check looks at its type and message
+        return error
+    return None
+
+
+def run_case(host: str, api, case, report) -> None:
+    import torch
+
+    from lib_seg.core.params import SegParams
+    from lib_seg.dit.layers import resolve_layers
+    from lib_seg.forge import adapter
+
+    family = Family.of(case.model)
+    patcher = api.wrap(case)
+    options = copy.deepcopy(patcher.model_options)
+    inputs = dict(case.inputs)
+    x, generator = inputs["x"], torch.Generator().manual_seed(2)
+    negative = {key: value for key, value in inputs.items() if key == "guidance"}
+    negative.update(
+        {key: torch.randn(inputs[key].shape, generator=generator).double() for key in ("context", "y") if key in inputs}
+    )
+    cond, uncond = api.text_conds(inputs), api.text_conds(negative)
+    sigma = torch.full((IMAGES,), SIGMA_T, dtype=torch.float64)
+    latent = tuple(x.shape[-2:])
+    grid = (-(-latent[0] // 2), -(-latent[1] // 2))  # 2x2 patches, odd sides padded
+    label = f"{host} {case.name} {latent[0]}x{latent[1]}"
+    rel = case.rel + F32_OUTPUT_REL
+
+    def step(p, cfg):
+        return api.step(p.sampler.model_wrap_cfg, x, sigma, cond, uncond, cfg)
+
+    with torch.no_grad():
+        report(smoke.no_hooks(case.model), f"{label}: no hooks before")
+        plain = {cfg: step(processing(patcher), cfg) for cfg in (1.0, 4.0)}
+        cond_plain = api.cond_pass(patcher, x, sigma, cond)
+        scale = SEG_SCALE * float((x - cond_plain).abs().max())
+        for spec, blur in SETTINGS[family.name]:
+            chosen = resolve_layers(spec, [layer for layer, _ in smoke.blocks(case.model)])
+            with smoke.reference_attention(case, chosen, grid, blur) as ref:
+                cond_ref = api.cond_pass(patcher, x, sigma, cond)
+            explicit = smoke.explicit_calls(case.model, chosen)
+            report(ref.explicit == explicit, f"{label} {spec} sigma={blur}: reference ran {ref.explicit}/{explicit}")
+            for cfg in (1.0, 4.0):
+                expected = plain[cfg] + SEG_SCALE * (cond_plain - cond_ref)
+                main_rows = IMAGES * (1 if cfg == 1.0 else 2)  # CFG 1: the hosts skip the uncond pass
+                for batch_rows in (True, False):
+                    p = processing(patcher)
+                    params = SegParams(enabled=True, scale=SEG_SCALE, blur_sigma=blur, layers=spec)
+                    text = adapter.patch_unet(p, params, batch_rows=batch_rows)
+                    with counted_calls(case.model) as calls:
+                        out = step(p, cfg)
+                    want = [main_rows + IMAGES] if batch_rows else [main_rows, IMAGES]
+                    err = float((out - expected).abs().max()) / scale
+                    effect = float((out - plain[cfg]).abs().max()) / scale
+                    ok = err <= rel and effect > smoke.EFFECT_FACTOR * rel and out.dtype == plain[cfg].dtype
+                    mode = "batched" if batch_rows else "separate"
+                    where = f"{label} {spec} sigma={blur} cfg={cfg:g} {mode}"
+                    report(ok, f"{where}: rel err {err:.2e} <= {rel:.1e}, effect {effect:.2e} (layers {text})")
+                    report(calls == want, f"{where}: transformer calls {calls} == {want}")
+                    report(smoke.no_hooks(case.model), f"{where}: no hooks left")
+        for params in (SegParams(enabled=False, layers="all"), SegParams(enabled=True, scale=0.0)):
+            p = processing(patcher)
+            installed = adapter.patch_unet(p, params) is not None or p.sd_model.forge_objects.unet is not patcher
+            same = [bool(step(p, cfg).equal(plain[cfg])) for cfg in (1.0, 4.0)]
+            what = "disabled" if not params.enabled else "scale 0"
+            report(not installed and all(same), f"{label} SEG {what}: nothing installed, bit-identical at CFG 1, 4")
+        p = processing(patcher)
+        installed = adapter.patch_unet(p, SegParams(enabled=True, layers="j7"))
+        error = raised(lambda: step(p, 4.0))
+        names = isinstance(error, ValueError) and f"it has {family.blocks}" in str(error)
+        report(installed is None and names, f"{label} layers j7: sampling raised {type(error).__name__}: {error}")
+        report(smoke.no_hooks(case.model), f"{label}: no hooks left after the failed step")
+    report(patcher.model_options == options, f"{label}: plain patcher's model_options untouched")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", choices=sorted(smoke.HOSTS), required=True)
+    host = parser.parse_args().host
+    tree = smoke.setup(host)
+    import torch
+
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: threads only add overhead
+    failures = []
+
+    def report(ok: bool, line: str) -> None:
+        print(("PASS " if ok else "FAIL ") + line, flush=True)
+        if not ok:
+            failures.append(line)
+
+    from lib_seg.forge import adapter
+
+    print(f"{host} tree {tree}, torch {torch.__version__}, lib_seg host kind {adapter.host_kind()}")
+    api = Forge2() if host == "forge2" else ReForge()
+    for case in api.cases():
+        run_case(host, api, case, report)
+    print(f"{len(failures)} failed" if failures else "OK")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
