@@ -23,6 +23,7 @@ block compute attention explicitly (softmax of the logits) instead of through th
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -65,10 +66,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_rotations(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> torch.Tensor:
-    """Flux's ``pe`` for position ids (B, L, axes): (B, 1, L, D/2, 2, 2) rotation matrices, axis by axis."""
+    """Flux's ``pe`` for position ids (B, L, axes): (B, 1, L, D/2, 2, 2) rotation matrices, axis by axis
+    (float64, on the ids' device)."""
     blocks = []
     for axis, dim in enumerate(axes_dim):
-        omega = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        omega = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angle = ids[..., axis, None].double() * omega  # (B, L, dim/2)
         cos, sin = torch.cos(angle), torch.sin(angle)
         blocks.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))
@@ -76,18 +78,24 @@ def rope_rotations(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 
 
 
 def rope_complex(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """RoPE as complex multiplication: channel pair (a, b) is a + ib, times e^{i angle} read off ``pe``."""
+    """RoPE as complex multiplication: channel pair (a, b) is a + ib, times e^{i angle} read off ``pe``.
+
+    In float32 or wider, as the hosts rotate (there is no bfloat16 complex type); returns ``x``'s dtype."""
     turn = torch.complex(pe[..., 0, 0], pe[..., 1, 0])
-    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    work = torch.promote_types(x.dtype, torch.float32)
+    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
-def token_ids(n_txt: int, h_len: int, w_len: int, n_extra: int = 0, batch: int = 1) -> torch.Tensor:
+def token_ids(
+    n_txt: int, h_len: int, w_len: int, n_extra: int = 0, batch: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
     """Position ids of ``[txt | img | extra]``: text at 0, image (0, row, col), extra (1, row, col)."""
-    rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
-    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-    extra = torch.stack([torch.ones(n_extra), torch.arange(n_extra) // 2, torch.arange(n_extra) % 2], dim=-1)
-    ids = torch.cat([torch.zeros(n_txt, 3), image.double(), extra.double()])
+    with nullcontext() if device is None else torch.device(device):
+        rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
+        image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        extra = torch.stack([torch.ones(n_extra), torch.arange(n_extra) // 2, torch.arange(n_extra) % 2], dim=-1)
+        ids = torch.cat([torch.zeros(n_txt, 3), image.double(), extra.double()])
     return ids.double().expand(batch, -1, -1)
 
 
@@ -99,6 +107,12 @@ def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, t
     """(B, L, 3*heads*D) -> three (B, heads, L, D)."""
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
     return q, k, v
+
+
+def _mlp(hidden: int, ratio: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden, ratio * hidden), nn.GELU(approximate="tanh"), nn.Linear(ratio * hidden, hidden)
+    )
 
 
 class QKNorm(nn.Module):
@@ -115,18 +129,16 @@ class QKNorm(nn.Module):
 class _Stream(nn.Module):
     """One stream of a double block (``img_attn`` / ``txt_attn``): modulation, qkv, QK-norm ``norm``,
     output projection and MLP.  The hosts keep modulation and MLP beside ``*_attn``; only the
-    ``*_attn.norm`` path matters to the adapter."""
+    ``*_attn.norm`` path matters to the adapter.  ``mlp_ratio``: MLP width over ``hidden`` (Flux: 4)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: int = 2):
         super().__init__()
         self.heads = heads
         self.mod = nn.Linear(hidden, 6 * hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.norm = QKNorm(hidden // heads)
         self.proj = nn.Linear(hidden, hidden)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
-        )
+        self.mlp = _mlp(hidden, mlp_ratio)
 
     def qkv_of(self, x: torch.Tensor, vec: torch.Tensor):
         mod = self.mod(F.silu(vec))[:, None].chunk(6, dim=-1)
@@ -140,9 +152,9 @@ class _Stream(nn.Module):
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, hidden: int = 32, heads: int = 2):
+    def __init__(self, hidden: int = 32, heads: int = 2, mlp_ratio: int = 2):
         super().__init__()
-        self.img_attn, self.txt_attn = _Stream(hidden, heads), _Stream(hidden, heads)
+        self.img_attn, self.txt_attn = _Stream(hidden, heads, mlp_ratio), _Stream(hidden, heads, mlp_ratio)
         self.hooks = Hooks()  # used when a call passes none (a whole model calls its blocks plainly)
 
     def forward(self, img, txt, vec, pe, hooks: Hooks | None = None):
@@ -158,19 +170,19 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, hidden: int = 32, heads: int = 2):
+    def __init__(self, hidden: int = 32, heads: int = 2, mlp_ratio: int = 2):
         super().__init__()
-        self.heads, self.hidden = heads, hidden
+        self.heads, self.hidden, self.mlp_width = heads, hidden, mlp_ratio * hidden
         self.mod = nn.Linear(hidden, 3 * hidden)
-        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * hidden)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + self.mlp_width)
         self.norm = QKNorm(hidden // heads)
-        self.linear2 = nn.Linear(hidden + 2 * hidden, hidden)
+        self.linear2 = nn.Linear(hidden + self.mlp_width, hidden)
         self.hooks = Hooks()
 
     def forward(self, x, vec, pe, hooks: Hooks | None = None):
         hooks = hooks or self.hooks
         shift, scale, gate = self.mod(F.silu(vec))[:, None].chunk(3, dim=-1)
-        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.hidden, 2 * self.hidden], dim=-1)
+        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.hidden, self.mlp_width], dim=-1)
         q, k, v = _heads(qkv, self.heads)
         q, k = self.norm(q, k, v)
         q = _hook(hooks.q_norm, q)  # the whole joint sequence, before RoPE
@@ -204,15 +216,13 @@ class _MMDiTHalf(nn.Module):
     """MMDiT's per-stream ("dismantled") block: adaLN, ``attn``, MLP; SD3.5's image stream may add
     ``attn2``, a self-attention over the image tokens alone (Forge ``mmditx.py:476-485, 562-589``)."""
 
-    def __init__(self, hidden: int, heads: int, qk_norm: bool, attn2: bool = False):
+    def __init__(self, hidden: int, heads: int, qk_norm: bool, attn2: bool = False, mlp_ratio: int = 2):
         super().__init__()
         self.heads = heads
         self.ada = nn.Linear(hidden, (9 if attn2 else 6) * hidden)
         self.attn = _MMDiTAttention(hidden, heads, qk_norm)
         self.attn2 = _MMDiTAttention(hidden, heads, qk_norm) if attn2 else None
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, 2 * hidden), nn.GELU(approximate="tanh"), nn.Linear(2 * hidden, hidden)
-        )
+        self.mlp = _mlp(hidden, mlp_ratio)
 
     def pre_attention(self, x, c, q_hook: Hook | None):
         mod = self.ada(F.silu(c))[:, None].chunk(9 if self.attn2 is not None else 6, dim=-1)
@@ -231,11 +241,11 @@ class _MMDiTHalf(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, hidden: int = 32, heads: int = 2, qk_norm: bool = True, attn2: bool = False):
+    def __init__(self, hidden: int = 32, heads: int = 2, qk_norm: bool = True, attn2: bool = False, mlp_ratio: int = 2):
         super().__init__()
         self.heads = heads
-        self.context_block = _MMDiTHalf(hidden, heads, qk_norm)
-        self.x_block = _MMDiTHalf(hidden, heads, qk_norm, attn2)
+        self.context_block = _MMDiTHalf(hidden, heads, qk_norm, mlp_ratio=mlp_ratio)
+        self.x_block = _MMDiTHalf(hidden, heads, qk_norm, attn2, mlp_ratio)
         self.hooks = Hooks()
 
     def forward(self, context, x, c, hooks: Hooks | None = None):

@@ -16,7 +16,9 @@ A1111 82a973c:
   an additive position embedding, blocks called ``block(context, x, c=c_mod)``
   (``mmdit.py:598``), optional SD3.5 ``attn2`` in chosen blocks.
 
-Weights are random (``randomize``), biases included, so that every path reaches the output.
+Weights are random (``randomize``), biases included, so that every path reaches the output.  The
+defaults are tiny; the keyword arguments (``mlp_ratio``, ``context_dim``, ``vec_dim``/``y_dim``, ``axes``,
+``pos_size``) also build the released widths (``benchmarks/dit_step.py``: Flux, SD3.5 Medium).
 """
 
 from __future__ import annotations
@@ -57,17 +59,33 @@ def _pad_even(x: torch.Tensor) -> torch.Tensor:
 
 
 class TinyFlux(nn.Module):
-    """Flux/Chroma layout: ``double_blocks``, ``single_blocks``, RoPE over ``(txt, img, extra)``."""
+    """Flux/Chroma layout: ``double_blocks``, ``single_blocks``, RoPE over ``(txt, img, extra)``.
 
-    def __init__(self, channels: int = 4, hidden: int = 32, heads: int = 2, depth: int = 2, single: int = 3):
+    ``axes``: the RoPE axes (their sum is the head width ``hidden / heads``); ``context_dim`` the text
+    width (Flux: T5's 4096), ``vec_dim`` the pooled vector's (Flux: CLIP's 768)."""
+
+    def __init__(
+        self,
+        channels: int = 4,
+        hidden: int = 32,
+        heads: int = 2,
+        depth: int = 2,
+        single: int = 3,
+        mlp_ratio: int = 2,
+        context_dim: int = 12,
+        vec_dim: int = 8,
+        axes: tuple[int, ...] = AXES,
+    ):
         super().__init__()
-        self.channels = channels
+        if sum(axes) != hidden // heads:
+            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        self.channels, self.axes = channels, tuple(axes)
         self.img_in = nn.Linear(4 * channels, hidden)
-        self.txt_in = nn.Linear(12, hidden)
+        self.txt_in = nn.Linear(context_dim, hidden)
         self.time_in = nn.Linear(1, hidden)
-        self.vector_in = nn.Linear(8, hidden)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads) for _ in range(depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads) for _ in range(single))
+        self.vector_in = nn.Linear(vec_dim, hidden)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads, mlp_ratio) for _ in range(single))
         self.final_layer = nn.Linear(hidden, 4 * channels)
 
     def forward(self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs):
@@ -81,8 +99,8 @@ class TinyFlux(nn.Module):
             img, extra = torch.cat([img, ref], dim=1), ref.shape[1]
         txt = self.txt_in(context)
         vec = self.time_in(timestep[:, None].to(x.dtype)) + self.vector_in(y)
-        ids = token_ids(txt.shape[1], h_len, w_len, extra, batch=x.shape[0])
-        pe = rope_rotations(ids, AXES).to(torch.promote_types(x.dtype, torch.float32))
+        ids = token_ids(txt.shape[1], h_len, w_len, extra, batch=x.shape[0], device=x.device)
+        pe = rope_rotations(ids, self.axes).to(torch.promote_types(x.dtype, torch.float32))
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
         joint = torch.cat([txt, img], dim=1)
@@ -93,7 +111,10 @@ class TinyFlux(nn.Module):
 
 
 class TinyMMDiT(nn.Module):
-    """SD3/SD3.5 layout: ``joint_blocks[i].x_block.attn.ln_q`` (and ``attn2`` where SD3.5 has it)."""
+    """SD3/SD3.5 layout: ``joint_blocks[i].x_block.attn.ln_q`` (and ``attn2`` where SD3.5 has it).
+
+    ``context_dim``: the text width (SD3: 4096), ``y_dim`` the pooled vector's (SD3: 2048),
+    ``pos_size``: sides of the position-embedding table (patches; the grid must fit in it)."""
 
     def __init__(
         self,
@@ -104,16 +125,20 @@ class TinyMMDiT(nn.Module):
         pad: bool = False,
         qk_norm: bool = True,
         attn2_blocks: tuple[int, ...] = (),
+        mlp_ratio: int = 2,
+        context_dim: int = 12,
+        y_dim: int = 8,
+        pos_size: int = 16,
     ):
         super().__init__()
         self.channels, self.pad = channels, pad
         self.x_embedder = nn.Conv2d(channels, hidden, 2, stride=2)
-        self.pos_embed = nn.Parameter(torch.zeros(1, hidden, 16, 16))
-        self.context_embedder = nn.Linear(12, hidden)
+        self.pos_embed = nn.Parameter(torch.zeros(1, hidden, pos_size, pos_size))
+        self.context_embedder = nn.Linear(context_dim, hidden)
         self.t_embedder = nn.Linear(1, hidden)
-        self.y_embedder = nn.Linear(8, hidden)
+        self.y_embedder = nn.Linear(y_dim, hidden)
         self.joint_blocks = nn.ModuleList(
-            JointBlock(hidden, heads, qk_norm, attn2=i in attn2_blocks) for i in range(depth)
+            JointBlock(hidden, heads, qk_norm, attn2=i in attn2_blocks, mlp_ratio=mlp_ratio) for i in range(depth)
         )
         self.final_layer = nn.Linear(hidden, 4 * channels)
 

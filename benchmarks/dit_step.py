@@ -1,0 +1,429 @@
+"""Per-step cost of SEG on DiTs (Flux, SD3.5 Medium): CFG only vs the separate SEG call vs batched SEG rows.
+
+    python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16
+    python benchmarks/dit_step.py --tiny --device cpu         # CPU smoke run (small widths)
+
+The transformers are the from-scratch DiTs of tests/support/dit_models.py built at the released sizes
+with random bf16 weights, made directly on the device (meta tensors, ``to_empty``, then a
+variance-preserving normal init), at 1024² (latent 16 x 128 x 128, 4096 image tokens):
+
+* ``flux``:  hidden 3072, 24 heads of 128 (RoPE axes 16/56/56), 19 double + 38 single blocks, MLP
+  ratio 4, 64 input channels after the 2x2 patchify, 512 text tokens of width 4096 (T5), vec 768;
+* ``sd35m``: SD3.5 Medium's MMDiT-X: hidden 1536, 24 joint blocks, 24 heads of 64, MLP ratio 4,
+  RMS QK-norm, the image-only second attention (``attn2``) in blocks 0-12, 333 context tokens of
+  width 4096, pooled y 2048.
+
+Their matrix products, attention lengths and block counts are the real models' (Flux: 11.85 B
+parameters; SD3.5 Medium: 2.27 B, the release's 2.5 B less most of its 384² position table, a lookup);
+the embedders are single linear maps (no sinusoidal timestep MLP, no guidance embedder), which cost
+nothing next to the blocks.  ``--dtype`` defaults to bfloat16 on a GPU, float32 on the CPU.
+
+The host is the new-Forge (Forge 2.x) imitation of tests/support/forge_host.py (``DitModel`` calls
+the DiT as ``KModel`` does; at CFG 1 the host skips the uncond pass); the code under test is
+``lib_seg.forge.adapter.patch_unet``, as the WebUI script calls it.  Modes, timed over whole denoiser
+steps (one ``p.sampler.model_wrap_cfg`` call) with CUDA events, interleaved step by step, median of
+``--repeats`` after ``--warmup``:
+
+* ``cfg``      - SEG off: no extension at all;
+* ``separate`` - ``patch_unet(..., batch_rows=False)``: one extra cond-only model call per step;
+* ``batched``  - ``patch_unet(..., batch_rows=True)``: the SEG rows appended to the main model call.
+
+Per mode also the peak memory (``torch.cuda.max_memory_allocated`` reset per mode) above what was
+allocated before its first step (the weights and the inputs), and the model rows of each call of a
+step (``2 / 2+1`` ...: a fallback from batched to separate would show there).  Checks in the same run:
+
+* "off bit-identical": ``patch_unet`` with SEG disabled vs no extension, ``torch.equal``;
+* "max rel. diff": ``max |batched - separate| / max |separate|`` of the guided x0 prediction;
+  "noise floor": the same measure for the host's own batch-shape noise: ``separate`` with copies of
+  the cond rows appended to every model call and dropped (``max |padded - separate| / max |separate|``);
+  "÷ effect": ``‖batched - separate‖ / ‖separate - cfg‖``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.seg_step import Timer  # noqa: E402
+from lib_seg.core.params import SegParams  # noqa: E402
+from lib_seg.forge import adapter as forge  # noqa: E402
+from tests.support import forge_host as host  # noqa: E402
+from tests.support.dit_models import TinyFlux, TinyMMDiT  # noqa: E402
+
+KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
+TIMED = ("cfg", "separate", "batched")
+STEP_SIGMA = 0.7  # flow matching: t = sigma in [0, 1]
+CASES = (
+    "flux:1:1:inf,flux:1:4:inf,flux:2:1:inf,flux:2:4:inf,flux:1:1:10,"
+    "sd35m:1:1:inf,sd35m:1:4:inf,sd35m:2:1:inf,sd35m:2:4:inf,sd35m:1:4:10"
+)
+
+
+@dataclass(frozen=True)
+class DitSpec:
+    """A model to build (``cls(**kwargs)``) and the size of its inputs."""
+
+    cls: type
+    kwargs: dict
+    latent: int  # latent side (8x VAE: image side / 8)
+    n_txt: int
+    context_dim: int
+    vec_dim: int
+    guidance: bool  # Flux dev's distilled-guidance value rides in the conds (one per row)
+
+
+FULL = {
+    "flux": DitSpec(
+        TinyFlux,
+        dict(
+            channels=16,
+            hidden=3072,
+            heads=24,
+            depth=19,
+            single=38,
+            mlp_ratio=4,
+            context_dim=4096,
+            vec_dim=768,
+            axes=(16, 56, 56),
+        ),
+        latent=128,
+        n_txt=512,
+        context_dim=4096,
+        vec_dim=768,
+        guidance=True,
+    ),
+    "sd35m": DitSpec(
+        TinyMMDiT,
+        dict(
+            channels=16,
+            hidden=1536,
+            heads=24,
+            depth=24,
+            pad=False,  # Forge 2.x's MMDiTX
+            qk_norm=True,
+            attn2_blocks=tuple(range(13)),
+            mlp_ratio=4,
+            context_dim=4096,
+            y_dim=2048,
+            pos_size=64,
+        ),
+        latent=128,
+        n_txt=333,
+        context_dim=4096,
+        vec_dim=2048,
+        guidance=False,
+    ),
+}
+# Small widths, the same block counts around the default layers (d7-9,s7-9 / j7-9 need 10 blocks).
+TINY = {
+    "flux": DitSpec(
+        TinyFlux,
+        dict(
+            channels=16,
+            hidden=64,
+            heads=2,
+            depth=10,
+            single=10,
+            mlp_ratio=4,
+            context_dim=32,
+            vec_dim=16,
+            axes=(4, 14, 14),
+        ),
+        latent=16,
+        n_txt=16,
+        context_dim=32,
+        vec_dim=16,
+        guidance=True,
+    ),
+    "sd35m": DitSpec(
+        TinyMMDiT,
+        dict(
+            channels=16,
+            hidden=64,
+            heads=2,
+            depth=10,
+            pad=False,
+            attn2_blocks=tuple(range(6)),
+            mlp_ratio=4,
+            context_dim=32,
+            y_dim=16,
+            pos_size=8,
+        ),
+        latent=16,
+        n_txt=16,
+        context_dim=32,
+        vec_dim=16,
+        guidance=False,
+    ),
+}
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights on the model's device: ``N(0, 1/fan_in)`` matrices (activations keep their size
+    through 57 blocks, bf16 stays finite), small biases, RMSNorm scales near 1."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if name.endswith("scale"):
+            parameter.normal_(1.0, 0.1, generator=generator)
+        elif name.endswith("bias"):
+            parameter.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith("pos_embed"):
+            parameter.normal_(0.0, 0.5, generator=generator)
+        else:
+            parameter.normal_(0.0, parameter[0].numel() ** -0.5, generator=generator)
+
+
+def build_model(spec: DitSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The DiT with random ``dtype`` weights made on ``device`` (no float32 copy, no host transfer)."""
+    with torch.device("meta"):
+        model = spec.cls(**spec.kwargs)
+    model = model.to(dtype).to_empty(device=device)
+    init_weights(model)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(spec: DitSpec, batch: int, device, dtype):
+    """x, sigma, cond, uncond as ``CFGDenoiser`` gets them (one cond entry each, Forge's conds)."""
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def entry():
+        conds = {
+            "c_crossattn": torch.randn(batch, spec.n_txt, spec.context_dim, generator=g, device=device, dtype=dtype),
+            "y": torch.randn(batch, spec.vec_dim, generator=g, device=device, dtype=dtype),
+        }
+        if spec.guidance:
+            conds["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+        return [{"model_conds": conds, "strength": 1.0}]
+
+    channels = spec.kwargs["channels"]
+    x = torch.randn(batch, channels, spec.latent, spec.latent, generator=g, device=device, dtype=dtype)
+    return x, torch.full((batch,), STEP_SIGMA, device=device, dtype=dtype), entry(), entry()
+
+
+def padded_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
+    """A model-function wrapper that appends copies of the cond chunks' rows to the call and drops their
+    outputs.  On the ``separate`` mode it changes only the calls' batch sizes, as batching does (main
+    call: the batched call's rows; SEG call: twice its rows), so its difference from ``separate`` is
+    the host's own batch-shape noise, through the same guidance."""
+    x, flags = args["input"], args["cond_or_uncond"]
+    rows, chunk = x.shape[0], x.shape[0] // len(flags)
+    index = torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i, flag in enumerate(flags) if flag == 0])
+    index = torch.cat([torch.arange(rows), index]).to(x.device)
+
+    def pad(value):
+        return value[index] if torch.is_tensor(value) and value.dim() and value.shape[0] == rows else value
+
+    c = {key: pad(value) for key, value in args["c"].items()}
+    return apply_model(pad(x), pad(args["timestep"]), **c)[:rows]
+
+
+def processing(model: torch.nn.Module, mode: str, layers: str, sigma: float):
+    """``(p, layer text)`` for one mode: ``cfg`` (no extension), ``separate``, ``batched``, ``off`` (SEG
+    disabled through the adapter), ``padded`` (``separate`` with every model call padded: the noise floor)."""
+    p, text = host.make_processing(KIND, model), None
+    if mode in ("separate", "batched", "off", "padded"):
+        params = SegParams(enabled=mode != "off", layers=layers, blur_sigma=sigma)
+        text = forge.patch_unet(p, params, batch_rows=mode == "batched")
+    if mode == "padded":
+        patcher = p.sd_model.forge_objects.unet.clone()
+        patcher.set_model_unet_function_wrapper(padded_wrapper)
+        p.sd_model.forge_objects.unet = patcher
+    p.sampler.model_wrap_cfg.total_steps = 10**9
+    return p, text
+
+
+def step(p, inputs, cfg_scale: float) -> tuple[float, torch.Tensor, list[int]]:
+    """One denoiser step: its time in ms, the guided x0 prediction, the model rows of each call."""
+    x, sigma, cond, uncond = inputs
+    model = p.sd_model.forge_objects.unet.model
+    model.rows.clear()
+    with Timer(x.device) as timer:
+        out = p.sampler.model_wrap_cfg(x, sigma, cond, uncond, cfg_scale)
+    rows = list(model.rows)
+    model.rows.clear()
+    model.calls.clear()  # the imitation records every call's options
+    return timer.ms, out, rows
+
+
+@contextmanager
+def forge_host_installed() -> Iterator[None]:
+    """The Forge 2.x host modules in ``sys.modules`` (pytest's MonkeyPatch undoes it; without pytest,
+    as on a bare GPU machine, they simply stay, as in forge_step.py)."""
+    try:
+        from pytest import MonkeyPatch
+    except ImportError:
+        sys.modules.update(host.host_modules(KIND))
+        yield
+        return
+    with MonkeyPatch.context() as monkeypatch:
+        host.install(monkeypatch, KIND)
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, args, device) -> dict:
+    sigma = math.inf if sigma_text == "inf" else float(sigma_text)
+    modes = (*TIMED, "off", "padded")
+    made = {mode: processing(model, mode, layers, sigma) for mode in modes}
+    ps, layer_text = {mode: p for mode, (p, _) in made.items()}, made["separate"][1]
+    times = {mode: [] for mode in TIMED}
+    outs, rows, peaks = {}, {}, {}
+    cuda = device.type == "cuda"
+    for mode in modes:  # first calls (lazy library set-up, blur operators) before any memory is measured
+        _, outs[mode], rows[mode] = step(ps[mode], inputs, cfg_scale)
+    for mode in TIMED:  # the rest of the warm-up, and peak memory, one mode at a time
+        synchronize(device)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        for _ in range(max(args.warmup - 1, 1)):
+            _, outs[mode], rows[mode] = step(ps[mode], inputs, cfg_scale)
+        peaks[mode] = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else math.nan
+    for _ in range(args.repeats):  # modes interleaved, so clock drift hits all alike
+        for mode in TIMED:
+            times[mode].append(step(ps[mode], inputs, cfg_scale)[0])
+    median = {mode: statistics.median(times[mode]) for mode in TIMED}
+    effect = (outs["separate"].float() - outs["cfg"].float()).norm()
+    return dict(
+        model=spec_name,
+        batch=batch,
+        cfg=cfg_scale,
+        layers=layer_text,
+        sigma=sigma_text,
+        ms=median,
+        rows={mode: "+".join(map(str, rows[mode])) for mode in TIMED},
+        peaks=peaks,
+        identical=torch.equal(outs["off"], outs["cfg"]),
+        finite=all(bool(torch.isfinite(outs[mode]).all()) for mode in TIMED),
+        rel=max_rel(outs["batched"], outs["separate"]),
+        floor=max_rel(outs["padded"], outs["separate"]),
+        of_effect=float((outs["batched"].float() - outs["separate"].float()).norm() / effect),
+    )
+
+
+def table_row(r: dict, tiny: bool) -> str:
+    base = r["ms"]["cfg"]
+    ratio = {mode: r["ms"][mode] / base for mode in TIMED}
+    peaks = " / ".join("-" if math.isnan(r["peaks"][m]) else f"{r['peaks'][m]:.0f}" for m in TIMED)
+    name = f"{r['model']}{' (tiny)' if tiny else ''}"
+    return (
+        f"| {name} | {r['batch']} | {r['cfg']:g} | {r['layers']} | {r['sigma']} | {base:.1f} | "
+        f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {r['ms']['batched'] / r['ms']['separate']:.2f} | "
+        f"{' / '.join(r['rows'][m] for m in TIMED)} | {peaks} | "
+        f"{'yes' if r['identical'] else 'NO'} | {r['rel']:.1e} | {r['floor']:.1e} | {r['of_effect']:.1e}"
+        f"{'' if r['finite'] else ' (NaN/inf!)'} |"
+    )
+
+
+HEADER = (
+    "| model | batch | CFG | layers | sigma | CFG-only ms | separate | batched | batched ÷ separate | "
+    "model rows per call: cfg / sep / batched | peak extra MiB cfg / sep / batched | off bit-identical | "
+    "max rel. diff batched vs separate | noise floor | ÷ effect |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=CASES, help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m)")
+    parser.add_argument("--layers", default="middle", help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke run)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args()
+    if torch.device(args.device).type == "cpu" and not args.tiny:
+        parser.error("the full-size models need a GPU (Flux alone is 24 GB of bf16 weights); add --tiny on the CPU")
+    if args.dtype is None:  # CPUs without bf16 units run bf16 far slower than float32
+        args.dtype = "float32" if torch.device(args.device).type == "cpu" else "bfloat16"
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
+    started = time.perf_counter()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":  # a smoke run: one thread, so OpenMP does not stall on a busy shared CPU
+        torch.set_num_threads(1)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    specs = TINY if args.tiny else FULL
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
+    header = (
+        f"Card: {card}; torch {torch.__version__}; {args.dtype}; {datetime.date.today().isoformat()}; "
+        f"Forge-family adapter on the Forge 2.x host imitation; {'tiny widths' if args.tiny else '1024²'}; "
+        f"warm-up {args.warmup}, median of {args.repeats} interleaved steps"
+    )
+    print(header, flush=True)
+    cases = [case.split(":") for case in args.cases.split(",")]
+    order = list(dict.fromkeys(name for name, *_ in cases))  # build each model once
+    results, notes = [], []
+    with forge_host_installed(), torch.inference_mode():
+        for name in order:
+            t0 = time.perf_counter()
+            model = build_model(specs[name], device, dtype)
+            synchronize(device)
+            params = sum(p.numel() for p in model.parameters())
+            weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+            note = f"{name}: {params / 1e6:,.1f} M parameters, {weights:.2f} GiB of {args.dtype} weights"
+            notes.append(note)
+            elapsed = time.perf_counter() - t0
+            print(f"[{time.perf_counter() - started:6.0f} s] built {note} in {elapsed:.1f} s", flush=True)
+            for case_name, batch, cfg_scale, sigma_text in cases:
+                if case_name != name:
+                    continue
+                inputs = make_inputs(specs[name], int(batch), device, dtype)
+                for layers in args.layers.split(";"):
+                    r = run_case(model, name, int(batch), float(cfg_scale), sigma_text, layers, inputs, args, device)
+                    results.append(r)
+                    print(f"[{time.perf_counter() - started:6.0f} s] {table_row(r, args.tiny)}", flush=True)
+            del model, inputs
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    batch1 = [r for r in results if r["batch"] == 1]
+    faster = sum(r["ms"]["batched"] < r["ms"]["separate"] for r in batch1)
+    summary = [
+        *notes,
+        f"batch 1: batched faster than the separate call in {faster} of {len(batch1)} cases; "
+        f"SEG off bit-identical in {sum(r['identical'] for r in results)} of {len(results)}; "
+        f"total run {time.perf_counter() - started:.0f} s",
+    ]
+    table = "\n".join([header, "", HEADER, *(table_row(r, args.tiny) for r in results), "", *summary, ""])
+    print("\n" + table, flush=True)
+    if args.out:
+        Path(args.out).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
