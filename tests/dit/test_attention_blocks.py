@@ -112,7 +112,8 @@ def test_slow_path_without_blur_is_the_fused_path(kind):
 def test_only_image_query_rows_change(kind, route):
     """Keys, values and the text (and Kontext) query rows entering attention are bit-identical."""
     setup = Setup(kind, (3, 5))
-    plain, seg = Hooks(), setup.seg_hooks(route, 1.5)
+    plain, seg = Hooks(seen={}), setup.seg_hooks(route, 1.5)
+    seg.seen = {}
     plain_out, seg_out = setup.run(plain), setup.run(seg)
     for name in ("k", "v"):
         assert torch.equal(plain.seen[name], seg.seen[name]), f"{name} changed"

@@ -16,6 +16,7 @@ import torch
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, dit_family
 from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
+from tests.support.dit_blocks import Hooks
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.slow_seg import blurred_logits
 from tests.support.tolerance import assert_network_close
@@ -116,6 +117,7 @@ def test_only_image_queries_change_and_keys_values_stay(name):
     model, inputs = _build(name), _inputs((5, 6))
     layer = available_layers(model)[1]
     block = getattr(model, f"{layer.kind}_blocks")[layer.index]
+    block.hooks = Hooks(seen={})
 
     def seen_by_attention() -> dict:
         _call(model, inputs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ class Hooks:
     attention_q: Hook | None = None  # q as it enters attention: Flux (B, heads, L, D) after RoPE; MMDiT (B, L, heads*D)
     logits: Hook | None = None  # pre-softmax logits (B, heads, L, L); when set, attention is computed explicitly
     logits2: Hook | None = None  # the same for SD3.5's image-only second attention (``x_block.attn2``)
-    seen: dict[str, torch.Tensor] = field(default_factory=dict)  # q, k, v as they entered attention
+    seen: dict[str, torch.Tensor] | None = None  # a dict here records q, k, v as they entered attention
+    # (off by default: a whole model would keep every block's q, k, v alive, 5 GB per row at Flux size)
 
 
 def _hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ def _hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hooks: Hooks) -> torch.Tensor:
     """Attention over (B, heads, L, D): the fused kernel, or softmax(hooks.logits(q k^T / sqrt D)) v."""
-    hooks.seen.update(q=q, k=k, v=v)
+    if hooks.seen is not None:
+        hooks.seen.update(q=q, k=k, v=v)
     if hooks.logits is None:
         return F.scaled_dot_product_attention(q, k, v)
     logits = hooks.logits(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5)
