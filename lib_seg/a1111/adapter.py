@@ -172,20 +172,18 @@ class SegRun:
             return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
 
     def blurring_rows(self, target: targets.UnetTarget, rows: int) -> ExitStack:
-        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix (UNet)."""
+        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
         step = self.batched
         stack = ExitStack()
         chosen = self.layers_for(target)
         seg_rows = slice(step.n_cond, 2 * step.n_cond)
         stack.enter_context(target.blurred(chosen, step.setting[1], seg_rows, self.on_skip))
-        unet = target.model
-        # an instance-patched forward: recompute all; one SEG row: the hooks cost more than they save
-        if target.is_dit or not self.prefix_reuse or "forward" in vars(unet):
-            return stack
-        if batching.prefix_pays(step.n_cond):
+        model = target.model
+        # an instance-patched forward: recompute all; one SEG row on a UNet: the hooks cost more than they save
+        if self.prefix_reuse and "forward" not in vars(model) and target.prefix_pays(step.n_cond):
             n = step.n_cond
             drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
-            stack.enter_context(batching.shared_prefix(unet, chosen, rows, rows - n, drop, expand))
+            stack.enter_context(target.shared_prefix(chosen, rows, rows - n, drop, expand))
         return stack
 
     def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:

@@ -16,9 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from lib_seg.core import layers, query_hooks
+from lib_seg.core import batching, layers, query_hooks
 from lib_seg.dit import hooks as dit_hooks
 from lib_seg.dit import layers as dit_layers
+from lib_seg.dit import prefix as dit_prefix
 
 
 class UnetTarget:
@@ -45,6 +46,13 @@ class UnetTarget:
     def skip_warner(self) -> query_hooks.SkipCallback:
         return query_hooks.skip_warner(layers.format_layers)
 
+    def shared_prefix(self, keys: Iterable, total_rows: int, main_rows: int, drop, expand) -> AbstractContextManager:
+        """Compute the SEG rows of the blocks before the first chosen layer once (see ``batching``)."""
+        return batching.shared_prefix(self.model, keys, total_rows, main_rows, drop, expand)
+
+    def prefix_pays(self, seg_rows: int) -> bool:
+        return batching.prefix_pays(seg_rows)
+
 
 class DitTarget(UnetTarget):
     """A Flux/Chroma or SD3/SD3.5 transformer; layers are :class:`lib_seg.dit.layers.DitLayer`."""
@@ -66,6 +74,14 @@ class DitTarget(UnetTarget):
 
     def skip_warner(self) -> query_hooks.SkipCallback:
         return query_hooks.skip_warner(dit_layers.format_layers)
+
+    def shared_prefix(self, keys: Iterable, total_rows: int, main_rows: int, drop, expand) -> AbstractContextManager:
+        return dit_prefix.shared_prefix(self.model, keys, total_rows, main_rows, drop, expand)
+
+    def prefix_pays(self, seg_rows: int) -> bool:
+        """A DiT block is heavy and the prefix needs one hook per block: it pays from one SEG row
+        (``docs/benchmarks.md``, DiT table)."""
+        return True
 
 
 def query_target(model: Any) -> UnetTarget | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +89,15 @@ class SegPass:
 
     def _blurring_seg_rows(self, apply_model: Callable, call: forge_rows.BatchedCall) -> AbstractContextManager:
         """What blurs the SEG rows of a batched call: the attn1 patches already in ``call`` (UNet, plus
-        prefix reuse), or hooks on the transformer's blocks for those rows (DiT)."""
-        if self.dit is not None:
-            return self.dit.blurred(self.keys, self.sigma, slice(call.main_rows, None), self.on_skip)
-        return self._shared_prefix(apply_model, call)
+        prefix reuse), or hooks on the transformer's blocks for those rows plus the DiT prefix reuse."""
+        if self.dit is None:
+            return self._shared_prefix(apply_model, call)
+        stack = ExitStack()
+        stack.enter_context(self.dit.blurred(self.keys, self.sigma, slice(call.main_rows, None), self.on_skip))
+        if self.prefix_reuse and "forward" not in vars(self.dit.model):
+            total = call.input.shape[0]
+            stack.enter_context(self.dit.shared_prefix(self.keys, total, call.main_rows, call.drop, call.expand))
+        return stack
 
     def _shared_prefix(self, apply_model: Callable, call: forge_rows.BatchedCall):
         """Prefix reuse (:mod:`lib_seg.core.batching`) unless it does not pay (one SEG row), the UNet's forward is

@@ -92,9 +92,9 @@ def expected(sd_model, inputs, baseline, spec, sigma, scale):
 def test_sd3_guided_prediction_against_blurred_logits(sd3, sigma, batch_rows, skip_uncond):
     inputs = make_inputs(and_weights=[[(0, 0.7), (1, 0.3)], [(2, 1.0)]])
     baseline, _ = run(sd3, inputs, skip_uncond=skip_uncond)
-    params = SegParams(enabled=True, scale=3.0, blur_sigma=sigma, layers="j0,j2")
+    params = SegParams(enabled=True, scale=3.0, blur_sigma=sigma, layers="j1-2")
     out, calls = run(sd3, inputs, a1111.SegRun(params, batch_rows=batch_rows), skip_uncond=skip_uncond)
-    assert_network_close(out, expected(sd3, inputs, baseline, "j0,j2", sigma, 3.0))
+    assert_network_close(out, expected(sd3, inputs, baseline, "j1-2", sigma, 3.0))
     main = 3 if skip_uncond else 3 + 2  # the host's call: cond rows (+ uncond rows)
     assert calls == ([main + 3] if batch_rows else [main, 3])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in sd3.model.diffusion_model.modules())

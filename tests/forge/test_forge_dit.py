@@ -98,11 +98,20 @@ def test_guided_prediction_against_blurred_logits(monkeypatch, models, kind, nam
     p = host.make_processing(kind, model)
     params = SegParams(enabled=True, scale=3.0, blur_sigma=sigma, layers=spec)
     assert forge.patch_unet(p, params, batch_rows=batch_rows) == spec
-    out = sample(p, inputs, cond_scale)
+    first_block = (model.double_blocks if name == "flux" else model.joint_blocks)[0]
+    first_rows = []
+    # rows of the block's own result (its output hook runs before the prefix's re-widening hook)
+    handle = first_block.register_forward_hook(lambda _b, _a, out: first_rows.append(out[0].shape[0]))
+    try:
+        out = sample(p, inputs, cond_scale)
+    finally:
+        handle.remove()
     assert_network_close(out, expected(name, model, inputs, baseline, spec, sigma, 3.0))
     images, main_rows = 2, 2 if cond_scale == 1.0 else 4  # CFG 1: the hosts skip the uncond pass
     calls = p.sd_model.forge_objects.unet.model.rows
     assert calls == ([main_rows + images] if batch_rows else [main_rows, images])
+    if batch_rows and name == "flux":  # d0 precedes the first blurred block: the SEG rows skip it
+        assert first_rows == [main_rows]
     assert not hooks_left(model)
 
 
