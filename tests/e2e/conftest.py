@@ -86,6 +86,18 @@ def api() -> Api:
     return Api()
 
 
+@pytest.fixture(scope="module")
+def baseline(api, request) -> dict:
+    """The test module's ``BASE`` request without SEG."""
+    return txt2img(api, request.module.BASE)
+
+
+@pytest.fixture(scope="module")
+def with_seg(api, request) -> dict:
+    """The test module's ``BASE`` request with SEG on at its defaults."""
+    return txt2img(api, request.module.BASE, [{"enabled": True}])
+
+
 @pytest.fixture(scope="session")
 def is_forge(api) -> bool:
     """Forge 2.x (backend/): its options carry forge_* keys."""

@@ -28,16 +28,6 @@ def txt2img(api, args=None, **changes):
     return conftest.txt2img(api, BASE, args, **changes)
 
 
-@pytest.fixture(scope="module")
-def baseline(api):
-    return txt2img(api)
-
-
-@pytest.fixture(scope="module")
-def with_seg(api):
-    return txt2img(api, [{"enabled": True}])
-
-
 def test_seg_off_is_identical_to_no_extension(api, baseline):
     for args in ([False], [{"enabled": False}], [True, 0.0]):
         assert same(txt2img(api, args)["images"][0], baseline["images"][0]), args

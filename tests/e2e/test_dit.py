@@ -37,16 +37,6 @@ def infotext(result: dict) -> str:
     return json.loads(result["info"])["infotexts"][0]
 
 
-@pytest.fixture(scope="module")
-def baseline(api):
-    return txt2img(api)
-
-
-@pytest.fixture(scope="module")
-def with_seg(api):
-    return txt2img(api, [{"enabled": True}])
-
-
 def test_seg_off_is_identical_to_no_extension(api, baseline):
     for args in ([False], [{"enabled": False}], [True, 0.0], [{"enabled": False, "layers": "all"}]):
         assert same(txt2img(api, args)["images"][0], baseline["images"][0]), args
