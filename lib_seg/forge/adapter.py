@@ -75,16 +75,14 @@ def unet_patcher(p: Any) -> Any | None:
     return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
-diffusion_model = query_hooks.ldm_unet
-
-
 def query_target(patcher: Any) -> targets.UnetTarget | None:
     """The UNet or the Flux/Chroma/SD3 transformer the patcher's model runs (None: SEG cannot run)."""
     return targets.query_target(getattr(getattr(patcher, "model", None), "diffusion_model", None))
 
 
-def available_layers(unet: Any) -> tuple:
-    return targets.query_target(unet).available
+def available_layers(model: Any) -> tuple:
+    """Every layer (UNet attn1) or block (DiT) SEG could blur in ``model``."""
+    return targets.query_target(model).available
 
 
 skip_warner = query_hooks.skip_warner
