@@ -15,6 +15,10 @@ How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_de
   length): the callback inserts the SEG rows between the cond and the uncond rows instead, the
   inner model's call blurs only those rows, and with ``prefix_reuse`` the blocks before the first
   blurred one compute them once (:mod:`lib_seg.core.batching`).  Anything else uses the separate call.
+* SD3 (``sd_model.is_sd3``, an MMDiT at ``sd_model.model.diffusion_model``) runs the same two paths:
+  the network is a :mod:`lib_seg.core.targets` target, which blurs UNet attn1 layers through
+  :mod:`lib_seg.core.query_hooks` or DiT blocks through :mod:`lib_seg.dit.hooks` (A1111's SD3 sampler
+  is the same ``CFGDenoiser``, with ``DictWithShape`` conds like SDXL's).
 * Errors (bad settings, layers the model lacks) are raised from inside sampling: A1111 only logs
   exceptions from script hooks, but one from the denoiser fails the request with the message.
 No host module is imported at module level; the script passes host objects in.
