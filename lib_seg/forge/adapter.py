@@ -19,6 +19,9 @@ the files are cited in ``tests/support/forge_host.py``; host modules are resolve
 * The token grid of each layer comes from the host where it tells it (reForge's
   ``activations_shape``); on classic and new Forge a block modifier records the map entering each
   block (:func:`lib_seg.forge.patches.record_block_grid`), so Deep Shrink's resized maps are blurred exactly.
+* Flux, Chroma and SD3.5 (Forge 2.x; reForge's ``ldm_patched`` modules) take the same two paths with
+  module hooks on the transformer's blocks instead of attn1 patches (:mod:`lib_seg.dit.hooks`; Forge
+  2.x's Flux drops ``transformer_options``, so no patch could reach its blocks).
 * Errors (bad settings, layers the model lacks) are raised from inside the post-CFG function: the
   hosts only log exceptions from script hooks, but one raised during sampling fails the request.
 
