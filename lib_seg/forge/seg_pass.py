@@ -94,8 +94,8 @@ class SegPass:
             return self._shared_prefix(apply_model, call)
         stack = ExitStack()
         stack.enter_context(self.dit.blurred(self.keys, self.sigma, slice(call.main_rows, None), self.on_skip))
-        if self.prefix_reuse and "forward" not in vars(self.dit.model):
-            total = call.input.shape[0]
+        total = call.input.shape[0]
+        if self.prefix_reuse and "forward" not in vars(self.dit.model) and self.dit.prefix_pays(total - call.main_rows):
             stack.enter_context(self.dit.shared_prefix(self.keys, total, call.main_rows, call.drop, call.expand))
         return stack
 
