@@ -98,6 +98,23 @@ def with_seg(api, request) -> dict:
     return txt2img(api, request.module.BASE, [{"enabled": True}])
 
 
+def parameters_of(api: "Api", result: dict) -> str:
+    """The generation parameters stored in a result's first image (``/sdapi/v1/png-info``)."""
+    return api.generate("/sdapi/v1/png-info", {"image": result["images"][0]})["info"]
+
+
+def assert_pastes_back(api: "Api", base: dict, baseline: dict, with_seg: dict) -> None:
+    """``with_seg``'s parameters sent back through txt2img's ``infotext`` field give the same image.
+    Skipped where the field fails for an image without SEG too (Forge 2.x: its ``apply_infotext``
+    fails on list-typed request fields, with or without extensions)."""
+    status, body = api.post("/sdapi/v1/txt2img", {"infotext": parameters_of(api, baseline), "prompt": base["prompt"]})
+    if status != 200:
+        pytest.skip(f"this host's txt2img 'infotext' field fails without SEG too: {body}")
+    status, body = api.post("/sdapi/v1/txt2img", {"infotext": parameters_of(api, with_seg), "prompt": base["prompt"]})
+    assert status == 200, body
+    assert same(body["images"][0], with_seg["images"][0])
+
+
 @pytest.fixture(scope="session")
 def is_forge(api) -> bool:
     """Forge 2.x (backend/): its options carry forge_* keys."""

@@ -51,12 +51,10 @@ def test_seg_on_changes_the_image_and_names_the_blocks(baseline, with_seg, model
     assert "SEG" not in infotext(baseline)
 
 
-def test_infotext_round_trip(api, with_seg):
-    parameters = api.generate("/sdapi/v1/png-info", {"image": with_seg["images"][0]})["info"]
+def test_infotext_round_trip(api, baseline, with_seg):
+    parameters = conftest.parameters_of(api, with_seg)
     assert "SEG layers: " in parameters
-    status, body = api.post("/sdapi/v1/txt2img", {"infotext": parameters, "prompt": BASE["prompt"]})
-    assert status == 200, body
-    assert same(body["images"][0], with_seg["images"][0])
+    conftest.assert_pastes_back(api, BASE, baseline, with_seg)
 
 
 @pytest.mark.parametrize(
