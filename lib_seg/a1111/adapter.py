@@ -49,7 +49,7 @@ def diffusion_model(sd_model: Any) -> Any:
     return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
 
 
-def query_target(sd_model: Any) -> targets.UnetTarget | None:
+def query_target(sd_model: Any) -> targets.QueryTarget | None:
     return targets.query_target(diffusion_model(sd_model))
 
 
@@ -147,7 +147,7 @@ class SegRun:
         uncond = getattr(dp, "text_uncond", None)
         return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
 
-    def layers_for(self, target: targets.UnetTarget) -> tuple:
+    def layers_for(self, target: targets.QueryTarget) -> tuple:
         """Resolve the spec against the network in use now (the refiner may swap it mid-run)."""
         key = id(target.model)
         if key not in self._resolved:
@@ -175,7 +175,7 @@ class SegRun:
         with target.blurred(chosen, sigma_blur, on_skip=self.on_skip):
             return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
 
-    def blurring_rows(self, target: targets.UnetTarget, rows: int) -> ExitStack:
+    def blurring_rows(self, target: targets.QueryTarget, rows: int) -> ExitStack:
         """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
         step = self.batched
         stack = ExitStack()

@@ -34,12 +34,6 @@ SkipCallback = Callable[..., None]  # (key, n_tokens, grid=None)
 UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
 
 
-def ldm_unet(owner: Any) -> nn.Module | None:
-    """``owner.model.diffusion_model`` when it is an ldm-layout UNet (A1111's sd_model and Forge's
-    UnetPatcher both hold it there), else None (DiTs such as SD3, Flux, Chroma)."""
-    return as_ldm_unet(getattr(getattr(owner, "model", None), "diffusion_model", None))
-
-
 def as_ldm_unet(candidate: Any) -> nn.Module | None:
     """``candidate`` if it is a module with input, middle and output blocks, else None."""
     if isinstance(candidate, nn.Module) and all(hasattr(candidate, part) for part in UNET_PARTS):

@@ -22,13 +22,17 @@ from lib_seg.dit import layers as dit_layers
 from lib_seg.dit import prefix as dit_prefix
 
 
-class UnetTarget:
-    """An ldm/sgm UNet; layers are :class:`lib_seg.core.layers.LayerKey`."""
+class QueryTarget:
+    """What both kinds share: the module, and whether it is a DiT (its layers are blocks)."""
 
     is_dit = False
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+
+class UnetTarget(QueryTarget):
+    """An ldm/sgm UNet; layers are :class:`lib_seg.core.layers.LayerKey`."""
 
     @cached_property
     def available(self) -> tuple:
@@ -54,7 +58,7 @@ class UnetTarget:
         return batching.prefix_pays(seg_rows)
 
 
-class DitTarget(UnetTarget):
+class DitTarget(QueryTarget):
     """A Flux/Chroma or SD3/SD3.5 transformer; layers are :class:`lib_seg.dit.layers.DitLayer`."""
 
     is_dit = True
@@ -84,7 +88,7 @@ class DitTarget(UnetTarget):
         return True
 
 
-def query_target(model: Any) -> UnetTarget | None:
+def query_target(model: Any) -> UnetTarget | DitTarget | None:
     """The target for a diffusion model module, or None when SEG cannot blur it."""
     unet = query_hooks.as_ldm_unet(model)
     if unet is not None:

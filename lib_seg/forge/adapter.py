@@ -78,7 +78,7 @@ def unet_patcher(p: Any) -> Any | None:
     return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
-def query_target(patcher: Any) -> targets.UnetTarget | None:
+def query_target(patcher: Any) -> targets.QueryTarget | None:
     """The UNet or the Flux/Chroma/SD3 transformer the patcher's model runs (None: SEG cannot run)."""
     return targets.query_target(getattr(getattr(patcher, "model", None), "diffusion_model", None))
 

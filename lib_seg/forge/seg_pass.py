@@ -149,20 +149,24 @@ class SegPass:
         return nullcontext() if self.dit is None else self.dit.blurred(self.keys, self.sigma, on_skip=self.on_skip)
 
     def _separate_options(self, options: dict) -> dict:
+        """The options of the separate pass: our attn1 patches (UNet; a DiT is blurred by hooks), and no
+        SEG model-function wrapper (that pass must not batch SEG rows into itself)."""
         if self.dit is not None:
             seg_options = dict(options)
-            if getattr(seg_options.get("model_function_wrapper"), SEG_MARK, False):
-                del seg_options["model_function_wrapper"]
-            return seg_options
+        else:
+            seg_options = with_attn1_replaces(options, self._step_patches(options))
+        if getattr(seg_options.get("model_function_wrapper"), SEG_MARK, False):
+            del seg_options["model_function_wrapper"]
+        return seg_options
+
+    def _step_patches(self, options: dict) -> dict:
+        """Our attn1 patches, each wrapping an attn1 replace another extension registered for its key."""
         existing = ((options.get("transformer_options") or {}).get("patches_replace") or {}).get("attn1") or {}
         step_patches = {}
         for key, patch in self.patches.items():
             inner = existing.get(key) or existing.get(key[:2])
             step_patches[key] = patch if inner is None else attn1_patch(self.kind, key, self.sigma, self.on_skip, inner)
-        seg_options = with_attn1_replaces(options, step_patches)
-        if getattr(seg_options.get("model_function_wrapper"), SEG_MARK, False):
-            del seg_options["model_function_wrapper"]
-        return seg_options
+        return step_patches
 
     def _cond_pass(self, args: dict, cond: Any, options: dict) -> torch.Tensor:
         return forge_host.cond_only_pass(self.kind, args["model"], cond, args["input"], args["sigma"], options)

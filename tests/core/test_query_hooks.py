@@ -124,12 +124,14 @@ def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
     assert caplog.text.count("m0.0 sees 7 queries") == 1 and caplog.text.count("left unblurred") == 2
 
 
-def test_ldm_unet_accepts_only_the_unet_layout():
-    from types import SimpleNamespace
-
-    from lib_seg.core.query_hooks import ldm_unet
+def test_only_the_unet_layout_is_a_unet():
+    from lib_seg.core.query_hooks import as_ldm_unet
+    from lib_seg.core.targets import UnetTarget, query_target
 
     unet = build_unet(TINY_SD1)
-    assert ldm_unet(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))) is unet
-    assert ldm_unet(SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))) is None
-    assert ldm_unet(SimpleNamespace()) is None
+    assert as_ldm_unet(unet) is unet
+    assert as_ldm_unet(torch.nn.Linear(2, 2)) is None
+    assert as_ldm_unet(None) is None
+    target = query_target(unet)
+    assert isinstance(target, UnetTarget) and target.model is unet and not target.is_dit
+    assert query_target(torch.nn.Linear(2, 2)) is None and query_target(None) is None
