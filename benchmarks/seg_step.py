@@ -131,7 +131,8 @@ def blur_ms(model: FakeSDModel, inputs: dict, layers: str, sigma: float, repeats
     """GPU time of the finite-sigma blurs of one step: the real q shapes, blurred alone."""
     unet = model.model.diffusion_model
     shapes = []
-    chosen = a1111.SegRun(SegParams(enabled=True, layers=layers)).layers_for(unet)
+    target = a1111.query_target(model)  # the adapter resolves layers against a target, not a raw UNet
+    chosen = a1111.SegRun(SegParams(enabled=True, layers=layers)).layers_for(target)
     grids = {}
     handles = [
         unet.get_submodule(f"{name}").register_forward_pre_hook(
