@@ -2,10 +2,13 @@
 
     python benchmarks/blur_speed.py                 # CPU, the sizes of the core issue
     python benchmarks/blur_speed.py --device cuda --dtype float16
+    python benchmarks/blur_speed.py --tiny          # CPU smoke run of the script (small maps, 2 repeats)
 
 Not a test: prints median milliseconds per call for each map size.  "ours" is what
 ``blur_queries`` picks; "axis" forces the two axis products, "grid" the single N x N product
-(``lib_seg.core.blur.use_grid_operator`` chooses between them).
+(``lib_seg.core.blur.use_grid_operator`` chooses between them).  Each size also checks ``blur_queries``
+against the dense convolution in float64 (an assertion).  ``--tiny`` changes only the defaults of the
+sizes, channels and repeats, so that a test runs every function of the script in seconds.
 """
 
 from __future__ import annotations
@@ -84,11 +87,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--sigma", type=float, default=10.0)
-    parser.add_argument("--channels", type=int, default=1280)
+    parser.add_argument("--channels", type=int, default=None, help="default 1280 (--tiny: 64)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--sides", default="32,64")
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 (--tiny: 2)")
+    parser.add_argument("--sides", default=None, help="default 32,64 (--tiny: 8,13: square, odd)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run of the script: small maps, few repeats")
     args = parser.parse_args()
+    defaults = {"channels": 64, "repeats": 2, "sides": "8,13"} if args.tiny else {}
+    for key, value in {"channels": 1280, "repeats": 20, "sides": "32,64", **defaults}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(
         f"device={device} dtype={args.dtype} sigma={args.sigma} C={args.channels} B={args.batch} "

@@ -1,7 +1,7 @@
 """Per-step cost of SEG on DiTs (Flux, SD3.5 Medium): CFG only vs the separate SEG call vs batched SEG rows.
 
     python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16
-    python benchmarks/dit_step.py --tiny --device cpu         # CPU smoke run (small widths)
+    python benchmarks/dit_step.py --tiny                      # CPU smoke run (small widths, 4 cases)
 
 The transformers are the from-scratch DiTs of tests/support/dit_models.py built at the released sizes
 with random bf16 weights, made directly on the device (meta tensors, ``to_empty``, then a
@@ -71,6 +71,9 @@ CASES = (
     "flux:1:1:inf,flux:1:4:inf,flux:2:1:inf,flux:2:4:inf,flux:1:1:10,"
     "sd35m:1:1:inf,sd35m:1:4:inf,sd35m:2:1:inf,sd35m:2:4:inf,sd35m:1:4:10"
 )
+# --tiny's defaults (a smoke run in seconds): both models, batch 1 and 2, CFG 1 and 4, infinite and finite sigma
+TINY_CASES = "flux:1:1:inf,flux:2:4:10,sd35m:1:4:inf,sd35m:2:1:10"
+TINY_RUN = {"device": "cpu", "cases": TINY_CASES, "warmup": 2, "repeats": 2}
 
 
 @dataclass(frozen=True)
@@ -353,15 +356,21 @@ HEADER = (
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=CASES, help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m)")
+    parser.add_argument(
+        "--cases", default=None, help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m; default: 10 cases)"
+    )
     parser.add_argument("--layers", default="middle", help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one (--tiny: cpu)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke run)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help=f"small widths (CPU smoke run; {TINY_CASES})")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 (--tiny: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 10 (--tiny: 2)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args()
+    real = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cases": CASES, "warmup": 3, "repeats": 10}
+    for key, value in (TINY_RUN if args.tiny else real).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if torch.device(args.device).type == "cpu" and not args.tiny:
         parser.error("the full-size models need a GPU (Flux alone is 24 GB of bf16 weights); add --tiny on the CPU")
     if args.dtype is None:  # CPUs without bf16 units run bf16 far slower than float32

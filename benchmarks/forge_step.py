@@ -1,6 +1,7 @@
 """Per-step cost of SEG through the Forge-family adapter: CFG only vs the separate pass vs batched rows.
 
     python benchmarks/forge_step.py --out forge-table.md       # on a CUDA machine
+    python benchmarks/forge_step.py --tiny                     # CPU smoke run of the script, no numbers
 
 Same UNets as ``seg_step.py`` (tests/support/unet.py with the real SD1.5/SDXL configurations, random
 fp16 weights).  The host is the imitation of new Forge's sampling contract in
@@ -12,6 +13,8 @@ calls it.  Modes, timed interleaved step by step (median of ``--repeats`` after 
 * ``separate`` - the post-CFG cond-only pass (``batch_rows=False``);
 * ``batched``  - the SEG rows in the main call, replayed through the host's batching;
 * ``prefix``   - batched, with the blocks before the first blurred layer computed once for the SEG rows.
+
+``--tiny`` is ``seg_step.py``'s: the tiny test UNets on the CPU, seconds, no meaningful numbers.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Is batched (and prefix-reusing) SEG the same function as the separate pass on a GPU?
 
     python benchmarks/gpu_equivalence.py
+    python benchmarks/gpu_equivalence.py --tiny       # CPU smoke run of the script (tiny UNets)
 
 For float32 (TF32 off) and float16 it prints, for the real SDXL and SD1.5 architectures with random
 weights: the SEG effect ‖separate − cfg‖, the host's own batch-size noise ‖cfg − cfg with cond/uncond
@@ -8,10 +9,14 @@ in separate calls‖, and ‖batched − separate‖, ‖prefix − separate‖ 
 rounding means the last two are of the order of that noise, far below the effect.  The second table does
 the same for the Forge-family adapter (new-Forge host imitation; its noise floor: cond and uncond in
 separate calls because the host's memory estimate says so).
+
+``--tiny`` runs the same functions on the CPU in seconds: the tiny SD1/SDXL test UNets at 64², float32 and
+bfloat16 (the CPU's half type; float16 UNets are slow there), so that a test can run the script.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -62,36 +67,53 @@ def forge_output(unet, inputs, mode: str, layers: str, split: bool = False) -> t
     return out
 
 
-def forge_table(device: torch.device) -> None:
+# (model, side) cases and dtypes: the real architectures on the GPU, or --tiny's test UNets on the CPU
+REAL = ((("sdxl", 1024), ("sd15", 512)), (torch.float32, torch.float16))
+TINY = ((("tiny-sdxl", 64), ("tiny-sd1", 64)), (torch.float32, torch.bfloat16))
+
+
+def free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def forge_table(device: torch.device, cases=REAL[0], dtypes=REAL[1]) -> None:
     sys.modules.update(host.host_modules(forge_step.KIND))
     print("\n" + HEADER)
-    for name, side in (("sdxl", 1024), ("sd15", 512)):
-        for dtype in (torch.float32, torch.float16):
+    for name, side in cases:
+        for dtype in dtypes:
             unet = build_model(name, device, dtype).model.diffusion_model
             inputs = forge_step.make_inputs(unet.config, 2, side, device, dtype)
             for layers in ("middle", "all"):
                 outs = {mode: forge_output(unet, inputs, mode, layers) for mode in MODES}
                 print_row(name, dtype, layers, outs, forge_output(unet, inputs, "cfg", layers, split=True))
             del unet
-            torch.cuda.empty_cache()
+            free_cache(device)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny UNets, float32 and bfloat16")
+    tiny = parser.parse_args().tiny
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
+    cases, dtypes = TINY if tiny else REAL
+    device = torch.device("cpu" if tiny else "cuda")
+    if tiny:
+        torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a busy shared CPU
+    card = "CPU (smoke run, not a GPU check)" if tiny else torch.cuda.get_device_name()
+    print(f"{card}; torch {torch.__version__}")
     print(HEADER)
-    for name, side in (("sdxl", 1024), ("sd15", 512)):
-        for dtype in (torch.float32, torch.float16):
+    for name, side in cases:
+        for dtype in dtypes:
             model = build_model(name, device, dtype)
             inputs = make_inputs(model, 2, side, device, dtype)
             for layers in ("middle", "all"):
                 outs = {mode: output(model, inputs, mode, layers) for mode in MODES}
                 print_row(name, dtype, layers, outs, output(model, inputs, "cfg", layers, batch_cond_uncond=False))
             del model
-            torch.cuda.empty_cache()
-    forge_table(device)
+            free_cache(device)
+    forge_table(device, cases, dtypes)
 
 
 if __name__ == "__main__":

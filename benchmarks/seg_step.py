@@ -1,6 +1,7 @@
 """Per-step cost of SEG on a GPU: CFG only vs the SEG strategies of the A1111 adapter.
 
     python benchmarks/seg_step.py --out docs/benchmarks.md        # on a CUDA machine
+    python benchmarks/seg_step.py --tiny                          # CPU smoke run of the script, no numbers
 
 The UNets are tests/support/unet.py built with the real SD1.5 and SDXL configurations (their parameter
 counts equal the released models': 859.5 M and 2567.5 M) with random fp16 weights; the CFG denoiser
@@ -16,6 +17,9 @@ is the v1.10.1 imitation in tests/support/a1111_host.py; the SEG code under test
 
 Each mode is timed over whole denoiser calls (one sampling step) with CUDA events: warm-up, then the
 median of ``--repeats``.  Ratios are step time over the ``cfg`` step measured in the same run.
+
+``--tiny`` runs the same code on the CPU in seconds (the tiny SD1/SDXL test UNets at 64², batch 2, float32,
+one warm-up and two steps), so that a test can run the script: its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -170,19 +174,33 @@ def prefix_error(outs: dict) -> float:
     return float((outs["prefix"].float() - outs["separate"].float()).norm() / effect)
 
 
+# What --tiny changes, unless given on the command line: tiny UNets at 64² (batch 2, so that the
+# prefix reuse really runs), the CPU in float32, the fewest steps that still take a median.
+TINY_CASES = "tiny-sd1:64:2,tiny-sdxl:64:2"
+TINY = {"device": "cpu", "dtype": "float32", "warmup": 1, "repeats": 2}
+REAL = {"device": "cuda", "dtype": "float16", "warmup": 3, "repeats": 20}
+
+
 def step_arguments(description: str, cases: str) -> tuple[argparse.Namespace, torch.device, torch.dtype, str]:
     """The step benchmarks' command line: parsed arguments, device, dtype and the card's name."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--cases", default=cases, help="model:side:batch, comma-separated")
+    parser.add_argument("--cases", default=None, help=f"model:side:batch, comma-separated (default {cases})")
     parser.add_argument("--layers", default="middle,all")
     parser.add_argument("--sigmas", default="inf,10")
-    parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtype", default=None, help="default float16 (--tiny: float32)")
+    parser.add_argument("--device", default=None, help="default cuda (--tiny: cpu)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 (--tiny: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 (--tiny: 2)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run of the script: {TINY_CASES}, no numbers")
     args = parser.parse_args()
+    defaults = {**TINY, "cases": TINY_CASES} if args.tiny else {**REAL, "cases": cases}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.tiny and device.type == "cpu":  # tiny tensors: threads only add overhead on a busy shared CPU
+        torch.set_num_threads(1)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
     return args, device, dtype, card
 
