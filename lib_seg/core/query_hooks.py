@@ -44,13 +44,18 @@ def as_ldm_unet(candidate: Any) -> nn.Module | None:
 def skip_warner(format_keys: Callable[[list], str] = format_layers) -> SkipCallback:
     """A callback that warns once per layer whose queries fit no token grid (they stay unblurred).
 
-    ``format_keys`` names the layer (UNet layers by default; a DiT target passes its block names)."""
+    ``format_keys`` names the layer (UNet layers by default; a DiT target passes its block names).
+    ``reason``: why the layer's tokens could not be placed, when the caller knows (a DiT family says
+    e.g. that the model's position ids contradict the grid); else the usual suspects are named."""
     warned: set = set()
 
-    def on_skip(key: Any, n_tokens: int, grid: tuple[int, int] | None = None) -> None:
+    def on_skip(key: Any, n_tokens: int, grid: tuple[int, int] | None = None, reason: str | None = None) -> None:
         if key in warned:
             return
         warned.add(key)
+        if reason is not None:
+            log.warning("SEG: %s is left unblurred: %s (%d queries)", format_keys([key]), reason, n_tokens)
+            return
         block = f" (its block's map is {grid[0]}x{grid[1]})" if grid else ""
         log.warning(
             "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile tiles, "

@@ -59,7 +59,8 @@ class UnetTarget(QueryTarget):
 
 
 class DitTarget(QueryTarget):
-    """A Flux/Chroma or SD3/SD3.5 transformer; layers are :class:`lib_seg.dit.layers.DitLayer`."""
+    """A diffusion transformer of a family :mod:`lib_seg.dit.families` knows; layers are
+    :class:`lib_seg.dit.layers.DitLayer`."""
 
     is_dit = True
 
@@ -67,11 +68,16 @@ class DitTarget(QueryTarget):
     def available(self) -> tuple:
         return dit_hooks.available_layers(self.model)
 
+    @cached_property
+    def default(self) -> str:
+        """What ``middle`` selects on this model (its family's default, resolved to its blocks)."""
+        return dit_hooks.default_spec(self.model)
+
     def resolve(self, spec: str) -> tuple:
-        return dit_layers.resolve_layers(spec, self.available)
+        return dit_layers.resolve_layers(spec, self.available, self.default)
 
     def canonical(self, spec: str) -> str:
-        return dit_layers.canonical_spec(spec, self.available)
+        return dit_layers.canonical_spec(spec, self.available, self.default)
 
     def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
         return dit_hooks.blurred_dit_queries(self.model, keys, sigma, rows, on_skip)

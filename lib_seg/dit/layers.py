@@ -21,6 +21,10 @@ or skipped-layer guidance (``docs/dit.md``, "Default layers"):
   itself has no default).  The same is used for SD3 Medium and SD3.5 Large, untuned.
 * Flux/Chroma ``d7-9,s7-9``: ComfyUI's ``SkipLayerGuidanceDiT`` default (double "7, 8, 9", single
   "7, 8, 9", ``comfy_extras/nodes_slg.py:24-28``).  No published Flux SEG or PAG default exists.
+* Flux.2 (Klein 4B: 5 double + 20 single blocks, 9B: 8 + 24): nothing published, and Flux.1's indices
+  7-9 do not exist in Klein's double stream; the middle block of each stream, ``d2,s10`` / ``d4,s12``.
+
+Which default applies is the model's family's (:mod:`lib_seg.dit.families`), not the block counts'.
 
 No real DiT weights were available while writing this, so none of these was tuned for SEG; they are
 starting points that users are expected to adjust.
@@ -48,13 +52,18 @@ MODEL_BLOCKS: dict[str, tuple[int, int, int]] = {
     "sd3": (0, 0, 24),
     "sd3.5-medium": (0, 0, 24),
     "sd3.5-large": (0, 0, 38),
+    "flux2-klein-4b": (5, 20, 0),  # Neo huggingface_guess: depth from the checkpoint; BFL's Klein configs
+    "flux2-klein-9b": (8, 24, 0),
 }
-DEFAULT_SPECS = {
-    "flux": "d7-9,s7-9",
-    "chroma": "d7-9,s7-9",
-    "sd3": "j7-9",
-    "sd3.5-medium": "j7-9",
-    "sd3.5-large": "j7-9",
+FLUX1_DEFAULT, SD3_DEFAULT = "d7-9,s7-9", "j7-9"  # published choices (module docstring)
+PUBLISHED_DEFAULTS: dict[str, str | None] = {
+    "flux": FLUX1_DEFAULT,
+    "chroma": FLUX1_DEFAULT,
+    "sd3": SD3_DEFAULT,
+    "sd3.5-medium": SD3_DEFAULT,
+    "sd3.5-large": SD3_DEFAULT,
+    "flux2-klein-4b": None,  # none published: the middle block of each stream
+    "flux2-klein-9b": None,
 }
 
 
@@ -73,31 +82,33 @@ def model_layers(double: int = 0, single: int = 0, joint: int = 0) -> tuple[DitL
 
 
 def family_layers(family: str) -> tuple[DitLayer, ...]:
-    """Blocks of a released model family (``flux``, ``chroma``, ``sd3``, ``sd3.5-medium``, ``sd3.5-large``)."""
+    """Blocks of a released model (``flux``, ``chroma``, ``sd3``, ``sd3.5-medium``, ``sd3.5-large``,
+    ``flux2-klein-4b``, ``flux2-klein-9b``)."""
     if family not in MODEL_BLOCKS:
         raise ValueError(f"unknown DiT family {family!r}; known: {', '.join(MODEL_BLOCKS)}")
     return model_layers(*MODEL_BLOCKS[family])
 
 
 def default_layer_spec(family: str) -> str:
-    """The default blocks per family; see the module docstring for the evidence (and its limits)."""
-    family_layers(family)  # unknown family: the same error
-    return DEFAULT_SPECS[family]
+    """The default blocks of a released model; see the module docstring for the evidence (and its limits)."""
+    return default_layers(family_layers(family), PUBLISHED_DEFAULTS[family])
 
 
-def default_layers(available: Iterable[DitLayer]) -> str:
+def default_layers(available: Iterable[DitLayer], released: str | None = None) -> str:
     """What ``middle`` (the default preset) selects on a DiT with ``available`` blocks.
 
-    The released models' default (:data:`DEFAULT_SPECS`, Flux/Chroma ``d7-9,s7-9``, SD3 ``j7-9``) when
-    the model has those blocks; on a smaller model (pruned or distilled variants, test models) the
-    middle block of each stream, ``index = count // 2``, the DiT counterpart of a UNet's middle block.
+    ``released``: the family's published default (Flux/Chroma ``d7-9,s7-9``, SD3 ``j7-9``; the family
+    module says where it comes from), used when the model has all its blocks.  Otherwise (no published
+    default, as for Flux.2; pruned or distilled variants; test models) the middle block of each stream,
+    ``index = count // 2``, the DiT counterpart of a UNet's middle block.
     """
     available = tuple(sorted(set(available), key=sort_key))
-    kinds = {layer.kind for layer in available}
-    released = DEFAULT_SPECS["sd3" if kinds == {"joint"} else "flux"]
-    wanted = [DitLayer(kind, i) for item in spec_items(released) for kind, indices in [_parse(item)] for i in indices]
-    if wanted and set(wanted) <= set(available):
-        return released
+    if released is not None:
+        wanted = [
+            DitLayer(kind, i) for item in spec_items(released) for kind, indices in [_parse(item)] for i in indices
+        ]
+        if wanted and set(wanted) <= set(available):
+            return released
     counts = {kind: sum(layer.kind == kind for layer in available) for kind in KINDS}
     return format_layers(DitLayer(kind, count // 2) for kind, count in counts.items() if count)
 
@@ -140,9 +151,9 @@ def _parse(item: str) -> tuple[str, range] | None:
         raise ValueError(f"SEG layers: {error}") from None
 
 
-def _select(item: str, available: tuple[DitLayer, ...]) -> list[DitLayer]:
+def _select(item: str, available: tuple[DitLayer, ...], default: str) -> list[DitLayer]:
     if item in DEFAULT_WORDS:
-        return [layer for default in spec_items(default_layers(available)) for layer in _select(default, available)]
+        return [layer for block in spec_items(default) for layer in _select(block, available, default)]
     parsed = _parse(item)
     if parsed is None:
         chosen = [layer for layer in available if layer.kind in PRESETS[item]]
@@ -165,18 +176,23 @@ def check_spec_syntax(spec: str) -> str:
     return ",".join(items)
 
 
-def resolve_layers(spec: str, available: Iterable[DitLayer]) -> tuple[DitLayer, ...]:
-    """Blocks a spec selects on a model with ``available`` blocks (sorted, unique)."""
+def resolve_layers(spec: str, available: Iterable[DitLayer], default: str | None = None) -> tuple[DitLayer, ...]:
+    """Blocks a spec selects on a model with ``available`` blocks (sorted, unique).
+
+    ``default``: what ``middle`` means on this model (its family's :meth:`default_spec`); without it,
+    the middle block of each stream."""
     items = check_spec_syntax(spec).split(",")
     available = tuple(sorted(set(available), key=sort_key))
     if not available:
         raise ValueError("SEG layers: this model has no transformer blocks SEG can blur")
-    chosen = {layer for item in items for layer in _select(item, available)}
+    default = default or default_layers(available)
+    chosen = {layer for item in items for layer in _select(item, available, default)}
     return tuple(sorted(chosen, key=sort_key))
 
 
-def canonical_spec(spec: str, available: Iterable[DitLayer]) -> str:
-    """What infotext records: a lone preset keeps its name, anything else becomes explicit blocks."""
+def canonical_spec(spec: str, available: Iterable[DitLayer], default: str | None = None) -> str:
+    """What infotext records: a lone preset keeps its name, anything else (``middle`` included: its
+    blocks differ per model) becomes explicit blocks."""
     normal = check_spec_syntax(spec)
-    chosen = resolve_layers(normal, available)
+    chosen = resolve_layers(normal, available, default)
     return normal if normal in PRESETS else format_layers(chosen)

@@ -9,31 +9,35 @@ their cond rows.  Everything between blocks then sees the full batch again (Flux
 ``img`` for the single-stream blocks; MMDiT has nothing in between).  With the default blocks this skips
 7 of Flux's 19 double blocks and 7 of SD3's 24 joint blocks for the SEG rows.
 
-A block whose arguments carry rows inside other objects (Chroma passes its modulations as dataclasses
-and tuples) cannot be slimmed argument by argument: then nothing is slimmed in that call and the result
-is full recomputation, which is always right.  The layout of the rows is the caller's, given as
-``drop``/``expand`` (A1111: SEG rows between cond and uncond; Forge: appended).
+Arguments that carry rows inside containers are slimmed through them: tuples, lists, dicts and
+dataclasses (Chroma's and Flux.2's shared modulations are tuples of ``ModulationOut`` dataclasses, Neo
+``backend/nn/flux.py``).  A block with any other object among its arguments cannot be slimmed: then
+nothing is slimmed in that call and the result is full recomputation, which is always right.  The
+layout of the rows is the caller's, given as ``drop``/``expand`` (A1111: SEG rows between cond and
+uncond; Forge: appended).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from numbers import Number
+from typing import Any
 
 import torch
 from torch import nn
 
-from lib_seg.dit.layers import KINDS, DitLayer, sort_key
+from lib_seg.dit.families import family_of
+from lib_seg.dit.layers import DitLayer, sort_key
 
 RowMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
-    """The transformer blocks in execution order (Flux: double then single; MMDiT: joint)."""
-    return [
-        (DitLayer(kind, i), block) for kind in KINDS for i, block in enumerate(getattr(model, f"{kind}_blocks", ()))
-    ]
+    """The transformer blocks in execution order, as the model's family lists them."""
+    family = family_of(model)
+    return [] if family is None else family.blocks(model)
 
 
 def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Module]:
@@ -46,9 +50,47 @@ def _is_rows(value: object, rows: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows
 
 
+def _is_record(value: object) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _children(value: object) -> list:
+    if isinstance(value, tuple | list):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if _is_record(value):
+        return [getattr(value, field.name) for field in dataclasses.fields(value)]
+    return []
+
+
 def _plain(value: object) -> bool:
-    """An argument we can slim or leave: a tensor, or something that holds no tensor."""
-    return torch.is_tensor(value) or value is None or isinstance(value, Number | str | bool)
+    """An argument we can slim or leave: a tensor, something that holds no tensor, or a tuple, list,
+    dict or dataclass of such."""
+    if torch.is_tensor(value) or value is None or isinstance(value, Number | str | bool):
+        return True
+    if isinstance(value, tuple | list | dict) or _is_record(value):
+        return all(map(_plain, _children(value)))
+    return False
+
+
+def _has_rows(value: object, rows: int) -> bool:
+    return _is_rows(value, rows) or any(_has_rows(child, rows) for child in _children(value))
+
+
+def _map_rows(value: Any, rows: int, fn: RowMap) -> Any:
+    """``value`` with ``fn`` applied to every tensor of ``rows`` rows in it, containers rebuilt."""
+    if _is_rows(value, rows):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        mapped = [_map_rows(item, rows, fn) for item in value]
+        return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
+    if isinstance(value, dict):
+        return {key: _map_rows(item, rows, fn) for key, item in value.items()}
+    if _is_record(value):
+        changes = {f.name: _map_rows(getattr(value, f.name), rows, fn) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 @contextmanager
@@ -66,18 +108,15 @@ def shared_prefix(
     def slim(block: nn.Module, args: tuple, kwargs: dict):
         values = (*args, *kwargs.values())
         if block is blocks[0]:  # decided once per call, at the first block
-            state["slim"] = all(map(_plain, values)) and any(_is_rows(v, total_rows) for v in values)
+            state["slim"] = all(map(_plain, values)) and any(_has_rows(v, total_rows) for v in values)
         if not state["slim"]:
             return None
-        slim_args = tuple(drop(a) if _is_rows(a, total_rows) else a for a in args)
-        return slim_args, {k: drop(v) if _is_rows(v, total_rows) else v for k, v in kwargs.items()}
+        return _map_rows(args, total_rows, drop), _map_rows(kwargs, total_rows, drop)
 
     def widen(_block: nn.Module, _args: tuple, output):
         if not state["slim"]:
             return None
-        if isinstance(output, tuple | list):
-            return type(output)(expand(t) if _is_rows(t, main_rows) else t for t in output)
-        return expand(output) if _is_rows(output, main_rows) else None
+        return _map_rows(output, main_rows, expand)
 
     handles = [block.register_forward_pre_hook(slim, with_kwargs=True) for block in blocks]
     handles.append(blocks[-1].register_forward_hook(widen))

@@ -169,7 +169,7 @@ def test_families_and_their_blocks():
     ):
         pass
     with (
-        pytest.raises(ValueError, match="not a Flux, Chroma or SD3"),
+        pytest.raises(ValueError, match="not a diffusion transformer SEG knows"),
         blurred_dit_queries(torch.nn.Linear(2, 2), [], 2.0),
     ):
         pass

@@ -115,6 +115,10 @@ def test_defaults_resolve_on_their_family(family):
     layers = resolve_layers(default_layer_spec(family), family_layers(family))
     if family in ("flux", "chroma"):
         assert layers == (*d(7, 8, 9), *s(7, 8, 9))  # ComfyUI SkipLayerGuidanceDiT default
+    elif family == "flux2-klein-4b":  # 5 + 20 blocks, nothing published: the middle of each stream
+        assert layers == (*d(2), *s(10))
+    elif family == "flux2-klein-9b":  # 8 + 24 blocks
+        assert layers == (*d(4), *s(12))
     else:
         assert layers == j(7, 8, 9)  # Stability's SD3.5-M skip-layer guidance layers
     with pytest.raises(ValueError, match="unknown DiT family"):
@@ -123,9 +127,11 @@ def test_defaults_resolve_on_their_family(family):
 
 @pytest.mark.parametrize("word", ["middle", "mid", "MIDDLE"])
 def test_the_default_preset_selects_the_released_models_defaults(word):
-    assert format_layers(resolve_layers(word, FLUX)) == "d7-9,s7-9"
-    assert format_layers(resolve_layers(word, SD35M)) == "j7-9"
-    assert canonical_spec(word, FLUX) == "d7-9,s7-9"  # infotext names the blocks, not the UNet word
+    flux, sd35 = default_layer_spec("flux"), default_layer_spec("sd3.5-medium")
+    assert format_layers(resolve_layers(word, FLUX, flux)) == "d7-9,s7-9"
+    assert format_layers(resolve_layers(word, SD35M, sd35)) == "j7-9"
+    assert canonical_spec(word, FLUX, flux) == "d7-9,s7-9"  # infotext names the blocks, not the UNet word
+    assert format_layers(resolve_layers(word, FLUX)) == "d9,s19"  # no family default given: the middle
 
 
 @pytest.mark.parametrize(
@@ -133,6 +139,9 @@ def test_the_default_preset_selects_the_released_models_defaults(word):
     [((0, 0, 2), "j1"), ((0, 0, 9), "j4"), ((2, 3, 0), "d1,s1"), ((8, 38, 0), "d4,s19"), ((10, 10, 0), "d7-9,s7-9")],
 )
 def test_the_default_on_smaller_models_is_the_middle_block_of_each_stream(counts, expected):
+    """A family's published default where the model has its blocks, else the middle of each stream."""
     available = model_layers(*counts)
-    assert default_layers(available) == expected
+    released = "j7-9" if counts[2] else "d7-9,s7-9"
+    assert default_layers(available, released) == expected
+    assert default_layers(model_layers(10, 10, 0)) == "d5,s5"  # no published default (Flux.2)
     assert format_layers(resolve_layers("middle,all", available)) == format_layers(available)

@@ -82,40 +82,68 @@ class Modulation:
     scale: torch.Tensor
 
 
+class Opaque:
+    """A per-row tensor inside an object that is neither a container nor a dataclass."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+
 class ContainerArgs(nn.Module):
-    """A block that gets its per-row modulation inside an object, as Chroma's blocks do."""
+    """A block that gets its per-row modulation inside an object, as Chroma's and Flux.2's blocks get
+    tuples of ``ModulationOut`` dataclasses (Neo ``backend/nn/flux.py``)."""
 
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)
+        self.rows: list[int] = []
 
     def forward(self, img, mod):
-        return self.proj(img) * mod.scale[:, None, None]
+        self.rows.append(img.shape[0])
+        scale = mod[1][0].scale if isinstance(mod, tuple) else mod.scale
+        return self.proj(img) * scale[:, None, None]
 
 
 class ChromaLike(nn.Module):
-    def __init__(self):
+    def __init__(self, wrap):
         super().__init__()
+        self.wrap = wrap
         self.double_blocks = nn.ModuleList([ContainerArgs(), ContainerArgs()])
         self.single_blocks = nn.ModuleList([ContainerArgs()])
 
     def forward(self, img, scale):
         for block in (*self.double_blocks, *self.single_blocks):
-            img = block(img, mod=Modulation(scale))
+            img = block(img, mod=self.wrap(scale))
         return img
 
 
-def test_blocks_with_rows_inside_objects_are_not_slimmed():
-    model, seen = ChromaLike(), []
-    for block in model.double_blocks:
-        block.register_forward_pre_hook(lambda _b, args: seen.append(args[0].shape[0]))
+def _prefix_rows(wrap) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    model = ChromaLike(wrap)
     img, scale = with_seg_rows(torch.randn(4, 3, 4), 2), with_seg_rows(torch.rand(4), 2)
     drop, expand = partial(without_seg_rows, n_cond=2), partial(with_seg_rows, n_cond=2)
     with torch.no_grad():
         plain = model(img, scale)
+        for block in model.double_blocks:
+            block.rows.clear()
         with shared_prefix(model, [DitLayer("single", 0)], 6, 4, drop, expand):
             shared = model(img, scale)
-    assert seen == [6, 6, 6, 6] and torch.equal(shared, plain)
+    return [n for block in model.double_blocks for n in block.rows], shared, plain
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [Modulation, lambda scale: (None, (Modulation(scale), Modulation(scale)))],
+    ids=["dataclass", "tuple of dataclasses"],
+)
+def test_rows_inside_containers_and_dataclasses_are_slimmed(wrap):
+    rows, shared, plain = _prefix_rows(wrap)
+    assert rows == [4, 4]  # the 2 SEG rows skipped both prefix blocks (the modulation was slimmed too)
+    torch.testing.assert_close(shared, plain)
+
+
+def test_blocks_with_rows_inside_other_objects_are_not_slimmed():
+    rows, shared, plain = _prefix_rows(Opaque)
+    assert rows == [6, 6] and torch.equal(shared, plain)
 
 
 def test_no_prefix_before_the_first_block():
