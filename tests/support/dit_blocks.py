@@ -15,6 +15,9 @@ Written from the structure described in ``docs/dit.md`` (no host code copied):
   ``(B, L, heads, D)``, ``ln_q``/``ln_k`` (RMSNorm, or Identity as in A1111's SD3), reshape to
   ``(B, L, heads*D)``, concatenate context first; no RoPE.
 
+:func:`attention_function` is the hosts' attention seam (a module attribute with their signature, looked up at
+call time), which ``tools/dit_backend_smoke.py --host imitation`` swaps for its reference.
+
 :class:`Hooks` exposes the hook points a host adapter has: the QK-norm (``ln_q``) output, the q
 entering attention, and (for the slow reference) the pre-softmax logits; setting ``logits`` makes the
 block compute attention explicitly (softmax of the logits) instead of through the fused kernel.
@@ -48,12 +51,29 @@ def _hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
     return x if hook is None else hook(x)
 
 
+def attention_function(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None, skip_reshape: bool = False
+) -> torch.Tensor:
+    """The hosts' fused attention function, with their signature: q/k/v (B, L, heads*D), or (B, heads, L, D)
+    with ``skip_reshape`` (Flux's call after RoPE); returns (B, L, heads*D).
+
+    Why a module attribute: it is the seam the hosts have (Forge 2.x ``backend.nn.flux.attention_function``,
+    ``backend.nn.mmditx.attention``; reForge ``ldm_patched.ldm.flux.math.optimized_attention``), looked up at
+    call time, which ``tools/dit_backend_smoke.py --host imitation`` swaps for its attention-swap reference.
+    :func:`attend` calls it through this module's globals, so a swapped one is what every block runs."""
+    if not skip_reshape:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hooks: Hooks) -> torch.Tensor:
-    """Attention over (B, heads, L, D): the fused kernel, or softmax(hooks.logits(q k^T / sqrt D)) v."""
+    """Attention over (B, heads, L, D): :func:`attention_function` (the fused kernel), or
+    softmax(hooks.logits(q k^T / sqrt D)) v."""
     if hooks.seen is not None:
         hooks.seen.update(q=q, k=k, v=v)
     if hooks.logits is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        heads = q.shape[1]  # back to (B, heads, L, D): the blocks split and project per stream
+        return attention_function(q, k, v, heads, skip_reshape=True).unflatten(-1, (heads, -1)).transpose(1, 2)
     logits = hooks.logits(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5)
     return torch.softmax(logits, dim=-1) @ v
 
@@ -224,6 +244,7 @@ class _MMDiTHalf(nn.Module):
         self.ada = nn.Linear(hidden, (9 if attn2 else 6) * hidden)
         self.attn = _MMDiTAttention(hidden, heads, qk_norm)
         self.attn2 = _MMDiTAttention(hidden, heads, qk_norm) if attn2 else None
+        self.x_block_self_attn = attn2  # the hosts' ``DismantledBlock`` flag for attn2
         self.mlp = _mlp(hidden, mlp_ratio)
 
     def pre_attention(self, x, c, q_hook: Hook | None):
