@@ -1,5 +1,5 @@
 """Smoke check of lib_seg.forge.adapter on Flux, Chroma and SD3 through a REAL Forge 2.x or reForge sampler (not
-a test: it needs a host tree and its venv).
+a test: it needs a host tree and its venv; ``--host imitation`` is its self-check without one, run by CI).
 
 The host's own tiny float64 transformers of ``tools/dit_backend_smoke.py`` are wrapped as the hosts wrap them:
 Forge 2.x ``UnetPatcher.from_model`` (``KModel`` with the engine's predictor: ``PredictionFlux`` for Flux and
@@ -28,6 +28,14 @@ spec the model lacks fails sampling with a ValueError that names the model's blo
 Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR as in dit_backend_smoke):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_adapter_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_adapter_smoke.py --host reforge
+
+Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` takes the patcher
+(``UnetPatcher``, ``DitModel`` as KModel runs a DiT), the sampling module (``sampling_function`` /
+``calc_cond_uncond_batch``) and the CFG-1 uncond skip from tests/support/forge_host.py's Forge 2.x
+imitation, and the DiTs and the reference from ``dit_backend_smoke --host imitation``.  Everything this
+tool does after the host lookups (the expectation, the call counts, the hook and option checks, the
+failing spec, the report) runs unchanged.  It checks this tool and lib_seg against the imitation only:
+    python tools/dit_adapter_smoke.py --host imitation
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ class Family:
 
 class Forge2:
     """Forge 2.x: ``UnetPatcher.from_model`` (KModel) and ``sampling_function(denoiser, params, scale, comp)``."""
+
+    output_rel = F32_OUTPUT_REL  # KModel.apply_model casts the prediction to float32
 
     def __init__(self):
         import torch
@@ -121,6 +131,8 @@ class Forge2:
 class ReForge:
     """reForge: ``supported_models.X(config).get_model({})`` in ``UnetPatcher``, ``samplers.sampling_function``."""
 
+    output_rel = F32_OUTPUT_REL  # BaseModel._apply_model casts the prediction to float32
+
     def __init__(self):
         import torch
         from ldm_patched.modules import conds, samplers
@@ -159,6 +171,46 @@ class ReForge:
 
     def cond_pass(self, patcher, x, sigma, cond):
         return self.samplers.calc_cond_batch(patcher.model, [cond], x, sigma, patcher.model_options)[0]
+
+
+class Imitation:
+    """tests/support/forge_host.py's Forge 2.x: its ``UnetPatcher`` over a ``DitModel``, its sampling module put
+    in ``sys.modules`` (so that lib_seg's host lookups find it), called as its ``CFGDenoiser`` calls it."""
+
+    output_rel = 0.0  # DitModel keeps the transformer's float64 output
+
+    def __init__(self):
+        from tests.support import forge_host
+
+        self.kind, self.host = "forge", forge_host
+        sys.modules.update(forge_host.host_modules(self.kind))  # this process is the host's: nothing to undo
+        self.sampling = sys.modules["backend.sampling.sampling_function"]
+
+    def cases(self):
+        return [case for case in smoke.imitation_cases() if case.name != "Flux+Kontext"]  # no ref_latents conds
+
+    def wrap(self, case):
+        return self.host.UnetPatcher(self.host.DitModel(case.model))
+
+    def text_conds(self, inputs: dict):
+        """The imitation's cond entries: ``model_conds`` tensors by the names its batching concatenates."""
+        conds = {"c_crossattn": inputs["context"]}
+        conds.update({key: inputs[key] for key in ("y", "guidance") if key in inputs})
+        return [{"model_conds": conds, "strength": 1.0}]
+
+    def step(self, denoiser, x, sigma, cond, uncond, cfg: float):
+        """``forge_host.CFGDenoiser.__call__``: the patcher re-read per call, no uncond at CFG 1."""
+        unet = denoiser.inner_model.inner_model.forge_objects.unet
+        uncond = None if cfg == 1.0 else uncond
+        denoised = self.sampling.sampling_function(unet.model, x, sigma, uncond, cond, cfg, unet.model_options)
+        denoiser.step += 1
+        return denoised
+
+    def cond_pass(self, patcher, x, sigma, cond):
+        return self.sampling.calc_cond_uncond_batch(patcher.model, cond, None, x, sigma, patcher.model_options)[0]
+
+
+APIS = {"forge2": Forge2, "reforge": ReForge, smoke.IMITATION: Imitation}
 
 
 def processing(patcher):
@@ -209,7 +261,7 @@ def run_case(host: str, api, case, report) -> None:
     latent = tuple(x.shape[-2:])
     grid = (-(-latent[0] // 2), -(-latent[1] // 2))  # 2x2 patches, odd sides padded
     label = f"{host} {case.name} {latent[0]}x{latent[1]}"
-    rel = case.rel + F32_OUTPUT_REL
+    rel = case.rel + api.output_rel
 
     def step(p, cfg):
         return api.step(p.sampler.model_wrap_cfg, x, sigma, cond, uncond, cfg)
@@ -260,7 +312,7 @@ def run_case(host: str, api, case, report) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", choices=sorted(smoke.HOSTS), required=True)
+    parser.add_argument("--host", choices=sorted(APIS), required=True, help="imitation: no host tree (CI)")
     host = parser.parse_args().host
     tree = smoke.setup(host)
     import torch
@@ -273,10 +325,10 @@ def main() -> int:
         if not ok:
             failures.append(line)
 
+    api = APIS[host]()  # the imitation's modules must be in sys.modules before the host kind is read
     from lib_seg.forge import adapter
 
     print(f"{host} tree {tree}, torch {torch.__version__}, lib_seg host kind {adapter.host_kind()}")
-    api = Forge2() if host == "forge2" else ReForge()
     for case in api.cases():
         run_case(host, api, case, report)
     print(f"{len(failures)} failed" if failures else "OK")

@@ -1,5 +1,5 @@
 """Smoke check of lib_seg.dit.hooks against the REAL DiT classes of Forge 2.x or reForge (not a test: it
-needs a host tree and its venv).
+needs a host tree and its venv; ``--host imitation`` is its self-check without one, run by CI).
 
 For each family the host's own transformer class is built tiny on the CPU (2 double + 2 single blocks, or
 2 joint blocks), float64, with random weights everywhere (those the host zero-initialises included), and
@@ -14,6 +14,13 @@ plain output bit-identical) and the blur changes the output.
 Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR, defaults below):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_backend_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_backend_smoke.py --host reforge
+
+Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` builds the repo's own
+from-scratch Flux and MMDiT (tests/support/dit_models.py, float64 throughout, RoPE included) instead of a host's
+classes; their blocks call ``tests.support.dit_blocks.attention_function`` through that module at call time, as
+the hosts' blocks call theirs, so the same reference, comparison, leftover-hook checks and report run end to end.
+It checks this tool and lib_seg against the imitation, not against a host:
+    python tools/dit_backend_smoke.py --host imitation
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 HOSTS = {"forge2": ("FORGE_DIR", "/work/hosts/forge2"), "reforge": ("REFORGE_DIR", "/work/hosts/reforge")}
+IMITATION = "imitation"  # no host tree: the repo's test imitations (tests/support)
 BATCH, N_TXT, REGISTERS = 2, 5, 2
 SD3_CTX = N_TXT + REGISTERS  # MMDiT: register tokens, then text, then the image
 SIGMAS = (0.5, 1.5, math.inf)
@@ -53,9 +61,12 @@ class Case:
 
 
 def setup(host: str) -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if host == IMITATION:  # nothing to import from a host, no host argv to satisfy
+        sys.path[:0] = [repo]
+        return os.path.join(repo, "tests", "support")
     env, default = HOSTS[host]
     tree = os.path.abspath(os.environ.get(env, default))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = [f"{tree}/packages_3rdparty", f"{tree}/repositories/huggingface_guess"] if host == "forge2" else []
     sys.path[:0] = [tree, *extra, repo]
     sys.argv[1:] = ["--always-cpu"]  # both hosts parse argv when imported
@@ -158,6 +169,31 @@ def reforge_cases() -> list[Case]:
         Case("MMDiT", mmdit, sd3_inputs, mmdit_attention, MMDIT_SPECS, n_ctx=SD3_CTX),
         Case("MMDiT+attn2", sd35, sd3_inputs, mmdit_attention, MMDIT_SPECS, n_ctx=SD3_CTX),
     ]
+
+
+def imitation_cases() -> list[Case]:
+    """The repo's from-scratch DiTs at the host cases' sizes (MMDiT at hidden 64): Flux (also with Kontext
+    reference tokens) and MMDiT with and without SD3.5's attn2, padding odd sides as reForge does.  They are
+    float64 throughout (their RoPE too, unlike both hosts'), hence the float64 bound for every case."""
+    from tests.support.dit_models import TinyFlux, TinyMMDiT
+
+    flux_sizes = dict(hidden=64, heads=2, depth=2, single=2, mlp_ratio=4, axes=(8, 12, 12))
+    flux = randomize(TinyFlux(channels=16, context_dim=48, vec_dim=32, **flux_sizes).double())
+    mmdit_sizes = dict(channels=16, hidden=64, heads=2, depth=2, pad=True, context_dim=48, y_dim=32, pos_size=16)
+    mmdit = randomize(TinyMMDiT(**mmdit_sizes).double())
+    sd35 = randomize(TinyMMDiT(attn2_blocks=(0,), **mmdit_sizes).double())
+    attention = ("tests.support.dit_blocks", "attention_function")  # every imitation block attends through it
+    sd3_inputs, kontext = draw_inputs((9, 13), ("guidance",)), draw_inputs((9, 13), ref=(6, 8))
+    kontext["ref_latents"] = kontext["ref_latents"][0]  # TinyFlux takes the one reference latent as a tensor
+    return [
+        Case("Flux", flux, draw_inputs((9, 13)), attention, FLUX_SPECS),
+        Case("Flux+Kontext", flux, kontext, attention, FLUX_SPECS, n_extra=3 * 4),
+        Case("MMDiT", mmdit, sd3_inputs, attention, MMDIT_SPECS),  # no register tokens: text, then the image
+        Case("MMDiT+attn2", sd35, sd3_inputs, attention, MMDIT_SPECS),
+    ]
+
+
+CASES = {"forge2": forge2_cases, "reforge": reforge_cases, IMITATION: imitation_cases}
 
 
 def gaussian_1d(sigma: float, side: int):
@@ -304,7 +340,7 @@ def run_case(host: str, case: Case, report) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", choices=sorted(HOSTS), required=True)
+    parser.add_argument("--host", choices=sorted(CASES), required=True, help="imitation: no host tree (CI)")
     host = parser.parse_args().host
     tree = setup(host)
     import torch
@@ -318,7 +354,7 @@ def main() -> int:
             failures.append(line)
 
     print(f"{host} tree {tree}, torch {torch.__version__}")
-    for case in forge2_cases() if host == "forge2" else reforge_cases():
+    for case in CASES[host]():
         run_case(host, case, report)
     print(f"{len(failures)} failed" if failures else "OK")
     return 1 if failures else 0

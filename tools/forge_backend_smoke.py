@@ -1,4 +1,5 @@
-"""Smoke check of lib_seg.forge against a REAL new-Forge ``backend`` (not a test: it needs a Forge tree).
+"""Smoke check of lib_seg.forge against a REAL new-Forge ``backend`` (not a test: it needs a Forge tree;
+``--host imitation`` is its self-check without one, run by CI).
 
 Builds a tiny random ``backend.nn.unet.IntegratedUNet2DConditionModel``, wraps it in Forge's own
 ``UnetPatcher`` and runs one step through Forge's own ``sampling_function_inner`` and
@@ -8,24 +9,53 @@ Builds a tiny random ``backend.nn.unet.IntegratedUNet2DConditionModel``, wraps i
 Run with the Forge venv:
     FORGE_DIR=/path/to/forge /path/to/forge-venv/bin/python tools/forge_backend_smoke.py
 ``--always-cpu`` is added to argv because ``backend.args`` parses it at import.
+
+Self-check without a Forge tree (what CI runs, tests/tools): ``--host imitation`` takes the UNet
+(tests/support/unet.py at the same sizes), ``UnetPatcher``, the KModel (``BaseModel``, which hides
+``activations_shape`` from attn1 patches as Forge's blocks do) and the sampling module from the repo's
+new-Forge imitation (tests/support/unet.py, forge_host.py); the steps, references and assertions below
+run unchanged.  It checks this tool and lib_seg against the imitation only:
+    python tools/forge_backend_smoke.py --host imitation
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup_paths() -> None:
     sys.argv.append("--always-cpu")
     forge_dir = os.environ.get("FORGE_DIR", "../forge")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    extra = [forge_dir, f"{forge_dir}/packages_3rdparty", f"{forge_dir}/repositories/huggingface_guess", repo]
+    extra = [forge_dir, f"{forge_dir}/packages_3rdparty", f"{forge_dir}/repositories/huggingface_guess", REPO]
     sys.path[:0] = extra
 
 
-def main() -> None:
+@dataclass
+class Host:
+    """What the check needs of a new-Forge host: a tiny random UNet, the KModel and patcher around it, the two
+    sampling functions, and the cond wrapper of its ``model_conds``; ``calls`` gets each UNet call's rows;
+    ``dtype`` is the UNet's, that of the inputs too."""
+
+    unet: Any
+    model: Any
+    patcher: Any
+    sampling_function_inner: Callable
+    calc_cond_uncond_batch: Callable
+    condition: Callable
+    calls: list[int]
+    dtype: Any
+
+
+def backend_host() -> Host:
+    """The real ``backend``: its UNet class, its UnetPatcher, its sampling module; the KModel is ``Model``."""
     _setup_paths()
     import torch
     from backend.nn.unet import IntegratedUNet2DConditionModel
@@ -33,13 +63,7 @@ def main() -> None:
     from backend.sampling import sampling_function as sf
     from backend.sampling.condition import ConditionCrossAttn
 
-    from lib_seg.core.blur import blur_queries
-    from lib_seg.core.params import SegParams
-    from lib_seg.forge import adapter as forge
-    from lib_seg.forge import host as forge_host
-
     torch.manual_seed(0)
-    print("host_kind:", forge.host_kind())
     unet = IntegratedUNet2DConditionModel(
         in_channels=4,
         model_channels=32,
@@ -74,10 +98,56 @@ def main() -> None:
 
     calls: list[int] = []
     cpu = torch.device("cpu")
-    patcher = UnetPatcher(Model(), load_device=cpu, offload_device=cpu)
-    x, sigma = torch.randn(2, 4, 13, 9), torch.full((2,), 2.5)
-    cond = [{"model_conds": {"c_crossattn": ConditionCrossAttn(torch.randn(2, 5, 16))}}]
-    uncond = [{"model_conds": {"c_crossattn": ConditionCrossAttn(torch.randn(2, 5, 16))}}]
+    model = Model()
+    patcher = UnetPatcher(model, load_device=cpu, offload_device=cpu)
+    inner, batch = sf.sampling_function_inner, sf.calc_cond_uncond_batch
+    return Host(unet, model, patcher, inner, batch, ConditionCrossAttn, calls, torch.float32)
+
+
+def imitation_host() -> Host:
+    """tests/support's new Forge: its modules in ``sys.modules`` (lib_seg's host lookups find them), the UNet
+    at the sizes above, its ``BaseModel`` as the KModel (``rows``: the rows of each call), conds as tensors.
+
+    In float64: this UNet amplifies float32 rounding more than Forge's (in float32 its batch-shape noise alone,
+    5e-5, exceeds the 1e-5 bound below, which was set on Forge's UNet); in float64 rounding stays far under it,
+    and the SEG term (about 1e-3) stays well above the 1e-4 the check asks of it."""
+    sys.path[:0] = [REPO]
+    import torch
+
+    from tests.support import forge_host as imitation
+    from tests.support.unet import UNetConfig, UNetModel
+
+    sys.modules.update(imitation.host_modules("forge"))  # this process is the host's: nothing to undo
+    sf = sys.modules["backend.sampling.sampling_function"]
+    torch.manual_seed(0)
+    config = UNetConfig(32, (1, 2), 1, (1, 1), 1, head_dim=8, context_dim=16, use_linear=True)
+    unet = UNetModel(config).double().eval()
+    for parameter in unet.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    model = imitation.BaseModel(unet, activations_shape=False)  # Forge's blocks do not report the shape
+    patcher = imitation.UnetPatcher(model)
+    inner, batch = sf.sampling_function, sf.calc_cond_uncond_batch  # its sampling_function is the inner one
+    return Host(unet, model, patcher, inner, batch, lambda tensor: tensor, model.rows, torch.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", choices=("forge2", "imitation"), default="forge2", help="imitation: no tree (CI)")
+    known, _ = parser.parse_known_args()  # the rest is for backend.args, which parses argv at import
+    host = (imitation_host if known.host == "imitation" else backend_host)()
+    import torch
+
+    from lib_seg.core.blur import blur_queries
+    from lib_seg.core.params import SegParams
+    from lib_seg.forge import adapter as forge
+    from lib_seg.forge import host as forge_host
+
+    print("host_kind:", forge.host_kind())
+    unet, patcher, calls = host.unet, host.patcher, host.calls
+    dtype = host.dtype
+    x, sigma = torch.randn(2, 4, 13, 9, dtype=dtype), torch.full((2,), 2.5, dtype=dtype)
+    cond = [{"model_conds": {"c_crossattn": host.condition(torch.randn(2, 5, 16, dtype=dtype))}}]
+    uncond = [{"model_conds": {"c_crossattn": host.condition(torch.randn(2, 5, 16, dtype=dtype))}}]
 
     def processing():
         denoiser = SimpleNamespace(step=0, total_steps=1)
@@ -90,10 +160,10 @@ def main() -> None:
 
     def run(p, cfg):
         u = p.sd_model.forge_objects.unet
-        return sf.sampling_function_inner(u.model, x, sigma, uncond, cond, cfg, u.model_options)
+        return host.sampling_function_inner(u.model, x, sigma, uncond, cond, cfg, u.model_options)
 
     def cond_pass():
-        return sf.calc_cond_uncond_batch(patcher.model, cond, None, x, sigma, patcher.model_options)[0]
+        return host.calc_cond_uncond_batch(patcher.model, cond, None, x, sigma, patcher.model_options)[0]
 
     with torch.no_grad():
         cond_plain = cond_pass()
