@@ -1,6 +1,6 @@
-"""Forge-family adapter: classic Forge (ldm_patched), new Forge (backend/) and reForge.
+"""Forge-family adapter: classic Forge and Forge Classic (ldm_patched), new Forge and Forge Neo (backend/), reForge.
 
-How SEG runs there (interfaces read from classic Forge 4a9c8f32, new Forge dfdcbab and reForge 3b56b26;
+How SEG runs there (interfaces read from classic Forge 4a9c8f32, new Forge dfdcbab, Neo de2193d and reForge 3b56b26;
 the files are cited in ``tests/support/forge_host.py``; host modules are resolved via :mod:`lib_seg.forge.host`):
 
 * ``process_before_every_sampling`` calls :func:`patch_unet`.  It clones
@@ -70,7 +70,7 @@ log = logging.getLogger("sd_webui_seg")
 
 
 def host_kind() -> str | None:
-    """``"forge"`` (new backend/), ``"reforge"``, ``"forge-classic"``, or None outside these hosts."""
+    """``"neo"``, ``"forge"`` (new backend/), ``"reforge"``, ``"forge-classic"``, or None outside these hosts."""
     return forge_host.host_kind()
 
 

@@ -1,20 +1,30 @@
 """Which Forge-family host runs us, and its functions, resolved at call time.
 
-The three hosts (classic Forge 4a9c8f32, new Forge dfdcbab, reForge 3b56b26) share the UnetPatcher contract
-but keep their sampling and attention functions in different modules:
+The hosts (classic Forge 4a9c8f32 and Haoming02's Forge Classic 1f95d71, new Forge dfdcbab, Forge Neo 2.26
+de2193d, reForge 3b56b26) share the UnetPatcher contract but keep their sampling and attention functions
+in different modules:
 
 ============== ===================================================== ==============================================
 host           cond-only model pass                                  attention used by the UNet's attn1
 ============== ===================================================== ==============================================
 ``forge``      ``backend.sampling.sampling_function``                ``backend.nn.unet.attention_function`` (the
-(new, 2.x)     ``.calc_cond_uncond_batch(model, cond, None, ...)``   UNet's import-time binding; ``backend.attention``
-                                                                     as fallback)
+(new, 2.x),    ``.calc_cond_uncond_batch(model, cond, None, ...)``   UNet's import-time binding; ``backend.attention``
+``neo``                                                              as fallback)
 ``reforge``    ``ldm_patched.modules.samplers.calc_cond_batch``      ``ldm_patched.ldm.modules.attention``
                ``(model, [cond], ...)`` (the 2-way function is a     ``.optimized_attention`` (takes ``attn_precision``)
                deprecated wrapper there)
 ``forge-       ``ldm_patched.modules.samplers.calc_cond_uncond_batch``  same module attribute, no ``attn_precision``
 classic``
 ============== ===================================================== ==============================================
+
+Forge Neo kept Forge 2.x's ``backend`` names for everything the adapter touches (read at de2193d:
+``backend/sampling/sampling_function.py`` ``calc_cond_uncond_batch`` and the ``model_function_wrapper`` /
+``sampler_post_cfg_function`` calls, ``backend/patcher/base.py`` ``clone`` and the ``set_model_*``
+setters, ``backend/nn/unet.py`` attn1 replace with projected q/k/v and ``block_modifiers``,
+``backend/memory_management.py`` ``get_free_memory``, ``backend/modules/k_model.py``
+``KModel.memory_required``); it is told apart by ``modules_forge.forge_version.version == "neo"``, so
+logs and the README can name it and a later difference has one place to go.  Haoming02's Forge Classic
+is classic Forge's ``ldm_patched`` layout and is detected as ``forge-classic``.
 
 Nothing is imported at module level and nothing is cached: every lookup goes through
 ``importlib.import_module`` (a ``sys.modules`` hit in a running host) and reads the module attribute
@@ -31,8 +41,9 @@ from typing import Any
 
 import torch
 
-FORGE, REFORGE, FORGE_CLASSIC = "forge", "reforge", "forge-classic"
-KINDS = (FORGE, REFORGE, FORGE_CLASSIC)
+FORGE, NEO, REFORGE, FORGE_CLASSIC = "forge", "neo", "reforge", "forge-classic"
+KINDS = (FORGE, NEO, REFORGE, FORGE_CLASSIC)
+BACKEND_KINDS = (FORGE, NEO)  # the ``backend/`` layout (no ldm_patched)
 
 
 def _module(name: str) -> ModuleType | None:
@@ -44,14 +55,16 @@ def _module(name: str) -> ModuleType | None:
 
 
 def host_kind() -> str | None:
-    """``"forge"`` (backend/), ``"reforge"``, ``"forge-classic"`` (ldm_patched), or None.
+    """``"neo"`` / ``"forge"`` (backend/), ``"reforge"``, ``"forge-classic"`` (ldm_patched), or None.
 
-    Capabilities are tested in the report's order: new Forge deleted ``ldm_patched``; reForge's
-    ``ldm_patched`` is a recent ComfyUI sync with ``calc_cond_batch``; classic Forge has only the
-    two-way ``calc_cond_uncond_batch`` plus ``modules_forge.unet_patcher``.
+    Capabilities are tested in the report's order: new Forge and Neo deleted ``ldm_patched`` (Neo names
+    itself in ``modules_forge.forge_version``); reForge's ``ldm_patched`` is a recent ComfyUI sync with
+    ``calc_cond_batch``; classic Forge has only the two-way ``calc_cond_uncond_batch`` plus
+    ``modules_forge.unet_patcher``.
     """
     if _module("backend.sampling.sampling_function") is not None:
-        return FORGE
+        version = getattr(_module("modules_forge.forge_version"), "version", None)
+        return NEO if version == "neo" else FORGE
     samplers = _module("ldm_patched.modules.samplers")
     if samplers is None:
         return None
@@ -78,7 +91,7 @@ def _attribute(module_names: tuple[str, ...], attribute: str) -> Any:
 def attention_function(kind: str) -> Callable[..., torch.Tensor]:
     """The attention the host's UNet itself uses for attn1, looked up now (not at import)."""
     _require(kind)
-    if kind == FORGE:
+    if kind in BACKEND_KINDS:
         return _attribute(("backend.nn.unet", "backend.attention"), "attention_function")
     return _attribute(("ldm_patched.ldm.modules.attention",), "optimized_attention")
 
@@ -105,7 +118,7 @@ def cond_only_pass(
     if kind == REFORGE:
         calc = _attribute(("ldm_patched.modules.samplers",), "calc_cond_batch")
         return calc(model, [cond], x, sigma, model_options)[0]
-    module = "backend.sampling.sampling_function" if kind == FORGE else "ldm_patched.modules.samplers"
+    module = "backend.sampling.sampling_function" if kind in BACKEND_KINDS else "ldm_patched.modules.samplers"
     calc = _attribute((module,), "calc_cond_uncond_batch")
     return calc(model, cond, None, x, sigma, model_options)[0]
 
@@ -114,12 +127,16 @@ def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.
     """Whether a UNet call of ``shape`` fits by the host's own estimate, with reForge's 1.5x margin.
 
     ``model.memory_required(shape)`` (BaseModel / KModel) against the host's free-memory probe
-    (``backend.memory_management`` in new Forge, ``ldm_patched.modules.model_management`` otherwise),
-    which counts what ``--lowvram``/``--medvram`` and the GPU-weights slider left free.  Without
-    either function the answer is no, and SEG makes its separate pass.
+    (``backend.memory_management`` in new Forge and Neo, ``ldm_patched.modules.model_management``
+    otherwise), which counts what ``--lowvram``/``--medvram`` and the GPU-weights slider left free.
+    Neo's estimate is ComfyUI v0.3.64's (``area * dtype_size * 0.01 * memory_usage_factor`` MiB with
+    flash/xformers attention, ``area * 0.15 * factor`` otherwise); Neo batches its own chunks with no
+    margin, we keep ComfyUI's 1.5x on every host because the SEG rows are an addition the host did not
+    plan for.  Without either function the answer is no, and SEG makes its separate pass; an OOM in the
+    batched call also falls back to it (:mod:`lib_seg.forge.seg_pass`).
     """
     _require(kind)
-    name = "backend.memory_management" if kind == FORGE else "ldm_patched.modules.model_management"
+    name = "backend.memory_management" if kind in BACKEND_KINDS else "ldm_patched.modules.model_management"
     free_memory = getattr(_module(name), "get_free_memory", None)
     required = getattr(model, "memory_required", None)
     if free_memory is None or required is None:

@@ -125,7 +125,7 @@ def test_formula_against_slow_path(request, monkeypatch, kind, sigma, model):
     spec = "m0,d1,u3" if model == "sd1" else "middle,u0.1,d3.1"
     inputs = make_inputs(unet.config)
     (baseline,) = sample(host.make_processing(kind, unet), inputs)
-    samplers = modules["backend.sampling.sampling_function" if kind == "forge" else "ldm_patched.modules.samplers"]
+    samplers = modules["backend.sampling.sampling_function" if kind in host.BACKEND else "ldm_patched.modules.samplers"]
     for calc in ("calc_cond_batch", "calc_cond_uncond_batch"):
         if hasattr(samplers, calc):
             getattr(samplers, calc).calls = 0

@@ -28,7 +28,7 @@ N_TXT, SIGMA_T = 5, 0.7
 # odd sides where the host pads them (Flux/Chroma, reForge's MMDiT); Forge 2.x's MMDiTX fails on odd
 # sizes by itself (its output is cropped to even sides), so its layout gets a non-square even latent
 LATENTS = {"flux": (7, 9), "sd3": (8, 10), "sd35": (7, 9)}
-DIT_KINDS = ("forge", "reforge")  # classic Forge runs no DiT
+DIT_KINDS = ("forge", "neo", "reforge")  # classic Forge runs no DiT
 MODELS = {
     "flux": lambda: TinyFlux(depth=2, single=3),
     "sd3": lambda: TinyMMDiT(depth=3, pad=False),

@@ -156,7 +156,7 @@ def test_another_extensions_passes_are_never_batched(sd1_f64, monkeypatch, kind)
             calc = modules["ldm_patched.modules.samplers"].calc_cond_batch
             cond_pred = calc(args["model"], [args["cond"]], args["input"], args["sigma"], args["model_options"])[0]
         else:
-            name = "backend.sampling.sampling_function" if kind == "forge" else "ldm_patched.modules.samplers"
+            name = "backend.sampling.sampling_function" if kind in host.BACKEND else "ldm_patched.modules.samplers"
             calc = modules[name].calc_cond_uncond_batch
             cond_pred = calc(args["model"], args["cond"], None, args["input"], args["sigma"], args["model_options"])[0]
         return args["denoised"] + 0.5 * (args["cond_denoised"] - cond_pred)

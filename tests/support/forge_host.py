@@ -16,7 +16,13 @@ Followed interfaces (read from the host sources; no host code copied):
   args and ``uncond=None`` when skipped, ``sampling_function`` :413; ``attention.py`` puts
   ``attn_precision`` and ``activations_shape`` in ``extra_options``; ``optimized_attention`` takes
   ``attn_precision``).
-* all three: ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser`` (``step`` counted per call, reset
+* Forge Neo 2.26 (exo101/sd-webui-forge-neo-v3 de2193d, ``webui/``): the new-Forge names above unchanged
+  (``backend/sampling/sampling_function.py`` ``calc_cond_uncond_batch`` :156-289 with
+  ``model.memory_required(shape) < free_memory`` :211, ``sampling_function_inner`` :292-323;
+  ``backend/patcher/base.py`` setters :273-303; ``backend/nn/unet.py`` attn1 replace :215-227), told
+  apart by ``modules_forge/forge_version.py`` ``version = "neo"``; ``KModel.memory_required`` is
+  ComfyUI v0.3.64's area formula (``backend/modules/k_model.py:60-68``, :class:`NeoKModel`).
+* all of them: ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser`` (``step`` counted per call, reset
   by ``initialize``; ``total_steps`` set by ``launch_sampling``) re-reads ``forge_objects.unet`` per call.
 
 Per-pass ``transformer_options`` are a shallow copy of ``model_options["transformer_options"]`` plus
@@ -41,9 +47,11 @@ import torch
 
 from .unet import UNetModel, attention
 
-KINDS = ("forge", "reforge", "forge-classic")
+KINDS = ("forge", "neo", "reforge", "forge-classic")
+BACKEND = ("forge", "neo")  # the hosts with the ``backend/`` layout
 MEMORY_MODULE = {
     "forge": "backend.memory_management",
+    "neo": "backend.memory_management",
     "reforge": "ldm_patched.modules.model_management",
     "forge-classic": "ldm_patched.modules.model_management",
 }
@@ -102,6 +110,45 @@ class DitModel(BaseModel):
             x, t, context=c_crossattn, y=y, control=control, transformer_options=transformer_options, **extra
         )
         return x - v * t[:, None, None, None]
+
+
+class NeoKModel(BaseModel):
+    """Neo's ``KModel`` over a UNet with one of its predictors (de2193d ``backend/modules/k_model.py:37-68``,
+    ``backend/modules/k_prediction.py`` ``AbstractPrediction`` :58-99): ``xc = calculate_input(sigma, x)``,
+    the UNet's output turned into x0 by ``calculate_denoised``.  ``prediction``: ``"epsilon"`` (SD1/SDXL),
+    ``"v_prediction"`` (v-pred SDXL; zero-terminal-SNR models are v-pred with other sigmas), ``"const"``
+    (rectified flow: input unscaled, ``x0 = x - sigma * v``).  ``memory_required`` is Neo's, ComfyUI
+    v0.3.64's area formula, in bytes."""
+
+    def __init__(self, unet, prediction="epsilon", memory_usage_factor=1.0, dtype_size=2, flash=True, **kwargs):
+        super().__init__(unet, **kwargs)
+        self.prediction, self.sigma_data = prediction, 1.0
+        self.memory_usage_factor, self.dtype_size, self.flash = memory_usage_factor, dtype_size, flash
+
+    def calculate_input(self, sigma, x):
+        if self.prediction == "const":
+            return x
+        return x / (sigma[:, None, None, None] ** 2 + self.sigma_data**2) ** 0.5
+
+    def calculate_denoised(self, sigma, output, x):
+        sigma = sigma[:, None, None, None]
+        if self.prediction == "v_prediction":
+            total = sigma**2 + self.sigma_data**2
+            return x * self.sigma_data**2 / total - output * sigma * self.sigma_data / total**0.5
+        return x - output * sigma
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, control=None, transformer_options=None, **_):
+        self.calls.append(transformer_options)
+        self.rows.append(x.shape[0])
+        timestep = t * 1000.0 if self.prediction == "const" else t.log() * 100.0
+        xc = self.calculate_input(t, x)
+        out = self.diffusion_model(xc, timestep, c_crossattn, y, control=control, transformer_options=transformer_options)
+        return self.calculate_denoised(t, out, x)
+
+    def memory_required(self, input_shape):
+        area = input_shape[0] * math.prod(input_shape[2:])
+        per_area = self.dtype_size * 0.01 if self.flash else 0.15
+        return area * per_area * self.memory_usage_factor * 1024 * 1024
 
 
 class UnetPatcher:
@@ -306,7 +353,7 @@ def _modules(**modules: dict[str, Any]) -> dict[str, types.ModuleType]:
 
 def host_modules(kind: str) -> dict[str, types.ModuleType]:
     """``sys.modules`` entries a host of ``kind`` has, with the functions the adapter resolves."""
-    if kind == "forge":
+    if kind in BACKEND:
         sampling = types.ModuleType("backend.sampling.sampling_function")
         sampling.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
         sampling.sampling_function = make_sampling_function(kind, sampling)
@@ -319,6 +366,8 @@ def host_modules(kind: str) -> dict[str, types.ModuleType]:
                 "backend.attention": {"attention_function": forge_attention_function},
                 "backend.patcher.unet": {"UnetPatcher": UnetPatcher},
                 "backend.memory_management": {"get_free_memory": get_free_memory},
+                "modules_forge": {},
+                "modules_forge.forge_version": {"version": "neo" if kind == "neo" else "f2.0.1v1.10.1"},
             }
         )
         return {**made, sampling.__name__: sampling}
@@ -392,10 +441,10 @@ class CFGDenoiser:
 
     def __call__(self, x, sigma, cond, uncond, cond_scale):
         unet = self.p.sd_model.forge_objects.unet
-        if self.kind == "forge" and cond_scale == 1.0:
-            uncond = None  # new Forge's processing drops uc at CFG 1
+        if self.kind in BACKEND and cond_scale == 1.0:
+            uncond = None  # new Forge's and Neo's processing drop uc at CFG 1
         samplers = sys.modules[
-            "backend.sampling.sampling_function" if self.kind == "forge" else "ldm_patched.modules.samplers"
+            "backend.sampling.sampling_function" if self.kind in BACKEND else "ldm_patched.modules.samplers"
         ]
         denoised = samplers.sampling_function(unet.model, x, sigma, uncond, cond, cond_scale, unet.model_options)
         self.step += 1
@@ -427,10 +476,11 @@ class Processing:
         self.sd_model.forge_objects = self.forge_objects_original.shallow_copy()
 
 
-def make_processing(kind: str, unet: torch.nn.Module, attn_precision=None) -> Processing:
-    """``p`` with a patcher over ``unet``: a UNet, or a DiT (tests/support/dit_models.py) run as KModel runs it."""
+def make_processing(kind: str, unet: torch.nn.Module, attn_precision=None, model: BaseModel | None = None):
+    """``p`` with a patcher over ``unet``: a UNet, or a DiT (tests/support/dit_models.py) run as KModel runs it;
+    ``model``: a ready model object instead (e.g. :class:`NeoKModel` with a predictor)."""
     model_class = BaseModel if hasattr(unet, "input_blocks") else DitModel
-    patcher = UnetPatcher(model_class(unet, attn_precision, activations_shape=kind == "reforge"))
+    patcher = UnetPatcher(model or model_class(unet, attn_precision, activations_shape=kind == "reforge"))
     objects = ForgeObjects(patcher)
     p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
     p.sampler = Sampler(CFGDenoiser(kind, p))
