@@ -142,7 +142,8 @@ class NeoKModel(BaseModel):
         self.rows.append(x.shape[0])
         timestep = t * 1000.0 if self.prediction == "const" else t.log() * 100.0
         xc = self.calculate_input(t, x)
-        out = self.diffusion_model(xc, timestep, c_crossattn, y, control=control, transformer_options=transformer_options)
+        options = transformer_options
+        out = self.diffusion_model(xc, timestep, c_crossattn, y, control=control, transformer_options=options)
         return self.calculate_denoised(t, out, x)
 
     def memory_required(self, input_shape):
