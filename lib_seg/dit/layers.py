@@ -38,15 +38,17 @@ from typing import NamedTuple
 
 from lib_seg.core.layers import compress_runs, index_range, spec_items
 
-KINDS = ("double", "single", "joint")
-KIND_OF_LETTER = {"d": "double", "s": "single", "j": "joint"}
+# Block kinds, in spec order: Flux double/single stream, two-stream joint blocks (SD3, Qwen-Image),
+# single-stream ``layer``s (Lumina 2 / Z-Image), self-attention ``block``s (Wan, Anima).
+KINDS = ("double", "single", "joint", "layer", "block")
+KIND_OF_LETTER = {"d": "double", "s": "single", "j": "joint", "l": "layer", "b": "block"}
 LETTER_OF_KIND = {kind: letter for letter, kind in KIND_OF_LETTER.items()}
-PRESETS: dict[str, tuple[str, ...]] = {"double": ("double",), "single": ("single",), "joint": ("joint",), "all": KINDS}
+PRESETS: dict[str, tuple[str, ...]] = {**{kind: (kind,) for kind in KINDS}, "all": KINDS}
 DEFAULT_WORDS = ("middle", "mid")  # the UNet default preset's name means "this DiT's default blocks"
-_ITEM = re.compile(r"^([dsj])(\d+)(?:-(\d+))?$")
+_ITEM = re.compile(r"^([dsjlb])(\d+)(?:-(\d+))?$")
 
 # Block counts of the released models (double, single, joint).
-MODEL_BLOCKS: dict[str, tuple[int, int, int]] = {
+MODEL_BLOCKS: dict[str, tuple[int, ...]] = {  # (double, single, joint, layer, block)
     "flux": (19, 38, 0),
     "chroma": (19, 38, 0),
     "sd3": (0, 0, 24),
@@ -72,9 +74,11 @@ class DitLayer(NamedTuple):
     index: int
 
 
-def model_layers(double: int = 0, single: int = 0, joint: int = 0) -> tuple[DitLayer, ...]:
-    """All blocks of a model with these block counts, in spec order (double, single, joint)."""
-    counts = {"double": double, "single": single, "joint": joint}
+def model_layers(
+    double: int = 0, single: int = 0, joint: int = 0, layer: int = 0, block: int = 0
+) -> tuple[DitLayer, ...]:
+    """All blocks of a model with these block counts, in spec order (:data:`KINDS`)."""
+    counts = {"double": double, "single": single, "joint": joint, "layer": layer, "block": block}
     for kind, count in counts.items():
         if int(count) < 0:
             raise ValueError(f"{kind} block count must be >= 0, got {count}")
@@ -129,7 +133,7 @@ def format_layers(layers: Iterable[DitLayer]) -> str:
 
 def _syntax_error(item: str) -> ValueError:
     return ValueError(
-        f"SEG layers: cannot read {item!r}; use presets {', '.join(PRESETS)} or blocks like d7, d7-9, s0-37, j7-9"
+        f"SEG layers: cannot read {item!r}; use presets {', '.join(PRESETS)} or blocks like d7, d7-9, s0-37, j7-9, l15"
     )
 
 

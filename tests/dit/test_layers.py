@@ -74,7 +74,7 @@ def test_sd3_errors_list_its_blocks(spec):
     [
         ("", "SEG layers: the block list is empty"),
         (" , ", "SEG layers: the block list is empty"),
-        ("m0", "SEG layers: cannot read 'm0'; use presets double, single, joint, all"),
+        ("m0", "SEG layers: cannot read 'm0'; use presets double, single, joint, layer, block, all"),
         ("d", "cannot read 'd'"),
         ("d7.2", "cannot read"),
         ("d-1", "cannot read"),

@@ -61,7 +61,7 @@ def test_infotext_round_trip(api, baseline, with_seg):
     "layers,message",
     [
         ("d3", "'d3' names blocks this model does not have; it has "),
-        ("u3", "SEG layers: cannot read 'u3'; use presets double, single, joint, all"),
+        ("u3", "SEG layers: cannot read 'u3'; use presets double, single, joint, layer, block, all"),
         ("j99", "'j99' names blocks this model does not have"),
     ],
 )

@@ -144,7 +144,7 @@ def test_seg_off_is_bit_identical_and_leaves_nothing(monkeypatch, models, kind):
     [
         ("flux", "j3", r"'j3' names blocks this model does not have; it has d0-1,s0-2"),
         ("sd3", "d0", r"'d0' names blocks this model does not have; it has j0-2"),
-        ("flux", "u3", r"cannot read 'u3'; use presets double, single, joint, all"),
+        ("flux", "u3", r"cannot read 'u3'; use presets double, single, joint, layer, block, all"),
         ("sd3", "input", r"cannot read 'input'"),
     ],
 )

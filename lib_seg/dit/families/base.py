@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -28,20 +28,26 @@ class DitFamily:
 
     name = "dit"
     title = "DiT"  # for messages and the README
-    kinds: tuple[str, ...] = ()  # block kinds, in execution order; each is ``model.<kind>_blocks``
+    kinds: tuple[str, ...] = ()  # block kinds, in execution order
+    attributes: ClassVar[dict[str, str]] = {}  # kind -> the model's ModuleList attribute (default ``<kind>_blocks``)
     default: str | None = None  # the published default spec, used when the model has those blocks
     default_source = ""  # where :attr:`default` comes from
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError
 
+    def block_list(self, model: nn.Module, kind: str) -> nn.ModuleList:
+        return getattr(model, self.attributes.get(kind, f"{kind}_blocks"))
+
     def blocks(self, model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
         """Every block SEG can blur, in execution order."""
-        return [
-            (DitLayer(kind, i), block)
-            for kind in self.kinds
-            for i, block in enumerate(getattr(model, f"{kind}_blocks"))
-        ]
+        return [(DitLayer(kind, i), b) for kind in self.kinds for i, b in enumerate(self.block_list(model, kind))]
+
+    def block(self, model: nn.Module, layer: DitLayer) -> nn.Module:
+        blocks = self.block_list(model, layer.kind) if layer.kind in self.kinds else None
+        if blocks is None or not 0 <= layer.index < len(blocks):
+            raise ValueError(f"SEG layers: this model has no {layer.kind} block {layer.index}")
+        return blocks[layer.index]
 
     def layers(self, model: nn.Module) -> tuple[DitLayer, ...]:
         return tuple(layer for layer, _ in self.blocks(model))
@@ -65,18 +71,11 @@ class DitFamily:
         raise NotImplementedError
 
 
-def has_blocks(model: Any, *kinds: str) -> bool:
-    """Whether ``model`` is a module with a ``<kind>_blocks`` ModuleList for every kind."""
+def has_blocks(model: Any, *attributes: str) -> bool:
+    """Whether ``model`` is a module with a ModuleList under every one of ``attributes``."""
     return isinstance(model, nn.Module) and all(
-        isinstance(getattr(model, f"{kind}_blocks", None), nn.ModuleList) for kind in kinds
+        isinstance(getattr(model, name, None), nn.ModuleList) for name in attributes
     )
-
-
-def block_of(model: nn.Module, layer: DitLayer) -> nn.Module:
-    blocks = getattr(model, f"{layer.kind}_blocks", None)
-    if blocks is None or not 0 <= layer.index < len(blocks):
-        raise ValueError(f"SEG layers: this model has no {layer.kind} block {layer.index}")
-    return blocks[layer.index]
 
 
 def submodules(block: nn.Module, layer: DitLayer, names: Iterable[str]) -> list[nn.Module]:

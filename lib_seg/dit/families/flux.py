@@ -37,7 +37,7 @@ from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_gri
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import DitFamily, SkipCallback, arguments, block_of, has_blocks, skipped, submodules
+from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 Where = tuple[tuple[int, int], int]  # (grid, text tokens before the image in the joint sequence)
 
@@ -142,7 +142,7 @@ class FluxFamily(DitFamily):
     norms: ClassVar[dict[str, str]] = {"double": "img_attn.norm", "single": "norm"}
 
     def matches(self, model: Any) -> bool:
-        return has_blocks(model, *self.kinds)
+        return has_blocks(model, "double_blocks", "single_blocks")
 
     def arm(
         self,
@@ -161,7 +161,7 @@ class FluxFamily(DitFamily):
         if len(model.double_blocks):
             handles.append(model.double_blocks[0].register_forward_pre_hook(call.on_text, with_kwargs=True))
         for layer in layers:
-            block = block_of(model, layer)
+            block = self.block(model, layer)
             handles.append(block.register_forward_pre_hook(call.pe_recorder(layer), with_kwargs=True))
             hook = _hook(layer, call, sigma, rows, on_skip)
             norms = submodules(block, layer, [self.norms[layer.kind]])

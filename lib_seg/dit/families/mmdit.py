@@ -25,7 +25,7 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_image_queries
 
-from .base import DitFamily, SkipCallback, block_of, has_blocks, skipped, submodules
+from .base import DitFamily, SkipCallback, has_blocks, skipped, submodules
 
 PATCH = 2  # SD3's x_embedder is a stride-2 convolution on every host
 
@@ -69,7 +69,7 @@ class MMDiTFamily(DitFamily):
     )
 
     def matches(self, model: Any) -> bool:
-        return has_blocks(model, "joint")
+        return has_blocks(model, "joint_blocks")
 
     def arm(
         self,
@@ -83,7 +83,7 @@ class MMDiTFamily(DitFamily):
         latent = _Latent()
         handles.append(model.register_forward_pre_hook(latent.record, with_kwargs=True))
         for layer in layers:
-            block = block_of(model, layer)
+            block = self.block(model, layer)
             hook = _hook(layer, latent, sigma, rows, on_skip)
             names = ["x_block.attn.ln_q", "x_block.attn2.ln_q"]
             handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, names))
