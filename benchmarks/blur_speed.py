@@ -8,7 +8,8 @@ Not a test: prints median milliseconds per call for each map size.  "ours" is wh
 ``blur_queries`` picks; "axis" forces the two axis products, "grid" the single N x N product
 (``lib_seg.core.blur.use_grid_operator`` chooses between them).  Each size also checks ``blur_queries``
 against the dense convolution in float64 (an assertion).  ``--tiny`` changes only the defaults of the
-sizes, channels and repeats, so that a test runs every function of the script in seconds.
+sizes, channels and repeats (and uses one CPU thread), so that a test runs every function of the script
+in seconds.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.tiny and device.type == "cpu":  # small maps: threads only add overhead on a busy shared CPU
+        torch.set_num_threads(1)
     print(
         f"device={device} dtype={args.dtype} sigma={args.sigma} C={args.channels} B={args.batch} "
         f"torch={torch.__version__} threads={torch.get_num_threads()}"
