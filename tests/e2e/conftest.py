@@ -16,6 +16,8 @@ import urllib.request
 
 import pytest
 
+from tests.support.infotext_fields import parameter_fields
+
 URL = os.environ.get("WEBUI_URL", "").rstrip("/")
 
 
@@ -98,6 +100,12 @@ def with_seg(api, request) -> dict:
     return txt2img(api, request.module.BASE, [{"enabled": True}])
 
 
+def infotext_fields(result: dict, index: int = 0) -> dict[str, str]:
+    """The fields of a result's infotext, values unquoted as the host's own parser does (A1111 and Neo
+    quote values holding commas: ``SEG layers: "d0,s0"``)."""
+    return parameter_fields(json.loads(result["info"])["infotexts"][index])
+
+
 def parameters_of(api: "Api", result: dict) -> str:
     """The generation parameters stored in a result's first image (``/sdapi/v1/png-info``)."""
     return api.generate("/sdapi/v1/png-info", {"image": result["images"][0]})["info"]
@@ -119,6 +127,18 @@ def assert_pastes_back(api: "Api", base: dict, baseline: dict, with_seg: dict) -
 def is_forge(api) -> bool:
     """Forge 2.x (backend/): its options carry forge_* keys."""
     return any(key.startswith("forge_additional_modules") for key in api.get("/sdapi/v1/options"))
+
+
+@pytest.fixture(scope="session")
+def hires_upscaler(api) -> str:
+    """An upscaler this host has without model files: a latent mode if it lists any (A1111, Forge,
+    reForge: "Latent"), else "None" (this Neo build lists no latent modes, only None and ESRGAN)."""
+    latent = [mode["name"] for mode in api.get("/sdapi/v1/latent-upscale-modes")]
+    if latent:
+        return "Latent" if "Latent" in latent else latent[0]
+    names = [upscaler["name"] for upscaler in api.get("/sdapi/v1/upscalers")]
+    assert "None" in names, f"no upscaler that needs no model file: {names}"
+    return "None"
 
 
 @pytest.fixture(scope="session")

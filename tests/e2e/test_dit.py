@@ -46,8 +46,9 @@ def test_seg_on_changes_the_image_and_names_the_blocks(baseline, with_seg, model
     assert not same(with_seg["images"][0], baseline["images"][0])
     info = infotext(with_seg)
     assert "SEG scale: 3" in info and "SEG blur sigma: inf" in info
-    layers = info.split("SEG layers: ", 1)[1].split(",")[0]
-    assert layers[:1] in "dsj" and layers != "middle"  # the DiT's default blocks, written out
+    layers = conftest.infotext_fields(with_seg)["SEG layers"]  # unquoted as the host reads it
+    assert layers[:1] in "dsjlb" and "middle" not in layers  # the DiT's default blocks, written out
+    assert all(item[:1] in "dsjlb" and item[1:2].isdigit() for item in layers.split(","))
     assert "SEG" not in infotext(baseline)
 
 

@@ -1,9 +1,11 @@
+import json
 import math
 
 import pytest
 
 from lib_seg.core.params import SegParams
 from lib_seg.webui.infotext import KEYS, from_infotext, to_infotext
+from tests.support.infotext_fields import parameter_fields
 
 
 def test_nothing_written_when_off():
@@ -59,3 +61,20 @@ def test_inverted_window_falls_back_to_default_window():
 def test_keys_are_params_fields():
     assert set(KEYS) <= set(SegParams.__dataclass_fields__)
     assert math.isinf(from_infotext({"SEG blur sigma": "inf"})[0].blur_sigma)
+
+
+def _host_line(fields: dict[str, str]) -> str:
+    """The parameters line as A1111 1.10 / Forge / Neo write it: a value with a comma, colon or newline
+    becomes a JSON string (``modules/infotext_utils.py`` ``quote``)."""
+    quote = lambda v: json.dumps(v) if any(c in v for c in ",:\n") else v  # noqa: E731
+    return ", ".join(f"{key}: {quote(value)}" for key, value in fields.items())
+
+
+@pytest.mark.parametrize("layers", ["m0", "d0,s0", "d7-9,s7-9", "u0.3,m0"])
+def test_infotext_fields_read_back_as_the_hosts_quote_them(layers):
+    """tests/e2e reads SEG's fields with tests/support/infotext_fields.py: quoted or not, the values return."""
+    written = {"Steps": "3", **to_infotext(SegParams(enabled=True, blur_sigma=2.5), layers), "Version": "neo-2.26"}
+    parameters = "a prompt, with commas\nNegative prompt: x\n" + _host_line(written)
+    fields = parameter_fields(parameters)
+    assert fields == written
+    assert from_infotext(fields)[0] == SegParams(enabled=True, blur_sigma=2.5, layers=layers)
