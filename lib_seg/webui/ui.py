@@ -39,7 +39,7 @@ SETTINGS: tuple[tuple[str, str, str, str, dict], ...] = (
         "seg_default_layers",
         "layers",
         "Default layers (preset or block list, e.g. middle, or m0,d4,u3; SDXL also u0.3 = transformer 3 of u0; "
-        "Flux/Chroma d7-9,s7-9, SD3 j7-9)",
+        "on a DiT, middle = Flux/Chroma d7-9,s7-9, Flux.2-Klein 4B d2,s10 / 9B d4,s12, SD3 j7-9)",
         "textbox",
         {},
     ),
@@ -136,7 +136,7 @@ def build(gr: Any, input_accordion: Any, elem_id: Callable[[str], str], defaults
             custom = gr.Textbox(
                 value=start["custom_layers"],
                 label="Custom layers",
-                placeholder="e.g. m0,d4,u3 (SDXL: u0.3 = transformer 3 of u0; Flux: d7-9,s7-9; SD3: j7-9)",
+                placeholder="e.g. m0,d4,u3 (SDXL: u0.3 = transformer 3 of u0; Flux: d7-9,s7-9; Klein: d2,s10; SD3: j7-9)",
                 visible=start["layer_preset"] == "custom",
                 elem_id=elem_id("custom_layers"),
             )
