@@ -136,7 +136,7 @@ def build(gr: Any, input_accordion: Any, elem_id: Callable[[str], str], defaults
             custom = gr.Textbox(
                 value=start["custom_layers"],
                 label="Custom layers",
-                placeholder="e.g. m0,d4,u3 (SDXL: u0.3 = transformer 3 of u0; Flux: d7-9,s7-9; Klein: d2,s10; SD3: j7-9)",
+                placeholder="e.g. m0,d4,u3 (SDXL u0.3 = transformer 3 of u0; Flux d7-9,s7-9; Klein d2,s10; SD3 j7-9)",
                 visible=start["layer_preset"] == "custom",
                 elem_id=elem_id("custom_layers"),
             )
