@@ -1,4 +1,4 @@
-"""Per-step cost of SEG on DiTs (Flux, SD3.5 Medium): CFG only vs the separate SEG call vs batched SEG rows.
+"""Per-step cost of SEG on DiTs (Flux, Flux.2-Klein, SD3.5 Medium): CFG only vs the separate SEG call vs batched rows.
 
     python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16
     python benchmarks/dit_step.py --tiny                      # CPU smoke run (small widths, 4 cases)
@@ -11,7 +11,12 @@ variance-preserving normal init), at 1024² (latent 16 x 128 x 128, 4096 image t
   ratio 4, 64 input channels after the 2x2 patchify, 512 text tokens of width 4096 (T5), vec 768;
 * ``sd35m``: SD3.5 Medium's MMDiT-X: hidden 1536, 24 joint blocks, 24 heads of 64, MLP ratio 4,
   RMS QK-norm, the image-only second attention (``attn2``) in blocks 0-12, 333 context tokens of
-  width 4096, pooled y 2048.
+  width 4096, pooled y 2048;
+* ``klein4b`` / ``klein9b``: Flux.2-Klein (tests/support/dit_flux2.py, the structure of Neo's
+  ``backend/nn/flux.py`` with the ``flux2`` config of its ``huggingface_guess/detection.py``): patch 1 on a
+  128-channel latent (64 x 64 at 1024², 4096 image tokens), 4 RoPE axes of 32, shared modulation,
+  SiLU-gated MLP ratio 3, no biases; 4B: hidden 3072, 24 heads, 5 double + 20 single blocks, 512 text
+  tokens of width 7680 (3 Qwen3-4B layers); 9B: hidden 4096, 32 heads, 8 + 24 blocks, width 12288.
 
 Their matrix products, attention lengths and block counts are the real models' (Flux: 11.85 B
 parameters; SD3.5 Medium: 2.27 B, the release's 2.5 B less most of its 384² position table, a lookup);
@@ -60,8 +65,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.seg_step import Timer  # noqa: E402
 from lib_seg.core.params import SegParams  # noqa: E402
+from lib_seg.core.targets import query_target  # noqa: E402
+from lib_seg.dit.prefix import blocks_in_order  # noqa: E402
 from lib_seg.forge import adapter as forge  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
+from tests.support.dit_flux2 import TinyFlux2  # noqa: E402
 from tests.support.dit_models import TinyFlux, TinyMMDiT  # noqa: E402
 
 KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
@@ -69,10 +77,12 @@ TIMED = ("cfg", "separate", "batched")
 STEP_SIGMA = 0.7  # flow matching: t = sigma in [0, 1]
 CASES = (
     "flux:1:1:inf,flux:1:4:inf,flux:2:1:inf,flux:2:4:inf,flux:1:1:10,"
-    "sd35m:1:1:inf,sd35m:1:4:inf,sd35m:2:1:inf,sd35m:2:4:inf,sd35m:1:4:10"
+    "sd35m:1:1:inf,sd35m:1:4:inf,sd35m:2:1:inf,sd35m:2:4:inf,sd35m:1:4:10,"
+    "klein4b:1:1:inf,klein4b:1:4:inf,klein4b:2:1:inf,klein4b:2:4:inf,"
+    "klein9b:1:1:inf,klein9b:1:4:inf,klein9b:2:1:inf,klein9b:2:4:inf"
 )
 # --tiny's defaults (a smoke run in seconds): both models, batch 1 and 2, CFG 1 and 4, infinite and finite sigma
-TINY_CASES = "flux:1:1:inf,flux:2:4:10,sd35m:1:4:inf,sd35m:2:1:10"
+TINY_CASES = "flux:1:1:inf,flux:2:4:10,sd35m:1:4:inf,sd35m:2:1:10,klein4b:1:1:inf"
 TINY_RUN = {"device": "cpu", "cases": TINY_CASES, "warmup": 2, "repeats": 2}
 
 
@@ -131,6 +141,24 @@ FULL = {
         guidance=False,
     ),
 }
+FULL["klein4b"] = DitSpec(
+    TinyFlux2,
+    dict(channels=128, hidden=3072, heads=24, depth=5, single=20, mlp_ratio=3, context_dim=7680, axes=(32,) * 4),
+    latent=64,
+    n_txt=512,
+    context_dim=7680,
+    vec_dim=1,  # no pooled vector; the model ignores y
+    guidance=False,
+)
+FULL["klein9b"] = DitSpec(
+    TinyFlux2,
+    dict(channels=128, hidden=4096, heads=32, depth=8, single=24, mlp_ratio=3, context_dim=12288, axes=(32,) * 4),
+    latent=64,
+    n_txt=512,
+    context_dim=12288,
+    vec_dim=1,
+    guidance=False,
+)
 # Small widths, the same block counts around the default layers (d7-9,s7-9 / j7-9 need 10 blocks).
 TINY = {
     "flux": DitSpec(
@@ -173,6 +201,16 @@ TINY = {
         guidance=False,
     ),
 }
+
+TINY["klein4b"] = DitSpec(  # Klein 4B's block counts (default d2,s10), small widths
+    TinyFlux2,
+    dict(channels=16, hidden=64, heads=2, depth=5, single=20, mlp_ratio=3, context_dim=32, axes=(8,) * 4),
+    latent=16,
+    n_txt=16,
+    context_dim=32,
+    vec_dim=1,
+    guidance=False,
+)
 
 
 @torch.no_grad()
@@ -290,6 +328,16 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def ideal_batched(model: torch.nn.Module, layers: str, cfg_scale: float) -> float:
+    """The batched mode's exact limit: 1 + (SEG rows / main rows) x the blocks' parameter share from the
+    first blurred block on (the prefix before it is computed once for both, ``lib_seg.dit.prefix``)."""
+    chosen = set(query_target(model).resolve(layers))
+    sizes = [(layer in chosen, sum(p.numel() for p in block.parameters())) for layer, block in blocks_in_order(model)]
+    first = next(i for i, (blurred, _) in enumerate(sizes) if blurred)
+    share = sum(size for _, size in sizes[first:]) / sum(size for _, size in sizes)
+    return 1.0 + share / (1 if cfg_scale == 1.0 else 2)
+
+
 def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, args, device) -> dict:
     sigma = math.inf if sigma_text == "inf" else float(sigma_text)
     modes = (*TIMED, "off", "padded")
@@ -322,6 +370,7 @@ def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, arg
         layers=layer_text,
         sigma=sigma_text,
         ms=median,
+        ideal=ideal_batched(model, layers, cfg_scale),
         rows={mode: "+".join(map(str, rows[mode])) for mode in TIMED},
         peaks=peaks,
         identical=torch.equal(outs["off"], outs["cfg"]),
@@ -339,7 +388,8 @@ def table_row(r: dict, tiny: bool) -> str:
     name = f"{r['model']}{' (tiny)' if tiny else ''}"
     return (
         f"| {name} | {r['batch']} | {r['cfg']:g} | {r['layers']} | {r['sigma']} | {base:.1f} | "
-        f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {r['ms']['batched'] / r['ms']['separate']:.2f} | "
+        f"{ratio['separate']:.2f}× | {ratio['batched']:.2f}× | {r['ideal']:.2f}× | "
+        f"{r['ms']['batched'] / r['ms']['separate']:.2f} | "
         f"{' / '.join(r['rows'][m] for m in TIMED)} | {peaks} | "
         f"{'yes' if r['identical'] else 'NO'} | {r['rel']:.1e} | {r['floor']:.1e} | {r['of_effect']:.1e}"
         f"{'' if r['finite'] else ' (NaN/inf!)'} |"
@@ -347,19 +397,23 @@ def table_row(r: dict, tiny: bool) -> str:
 
 
 HEADER = (
-    "| model | batch | CFG | layers | sigma | CFG-only ms | separate | batched | batched ÷ separate | "
+    "| model | batch | CFG | layers | sigma | CFG-only ms | separate | batched | ideal batched | batched ÷ separate | "
     "model rows per call: cfg / sep / batched | peak extra MiB cfg / sep / batched | off bit-identical | "
     "max rel. diff batched vs separate | noise floor | ÷ effect |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--cases", default=None, help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m; default: 10 cases)"
+        "--cases",
+        default=None,
+        help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m, klein4b, klein9b; default: 18 cases)",
     )
-    parser.add_argument("--layers", default="middle", help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9)")
+    parser.add_argument(
+        "--layers", default="middle", help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9 / Klein d2,s10)"
+    )
     parser.add_argument("--device", default=None, help="default: cuda when there is one (--tiny: cpu)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help=f"small widths (CPU smoke run; {TINY_CASES})")

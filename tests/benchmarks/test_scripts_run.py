@@ -114,15 +114,17 @@ def test_dit_step_tiny(tmp_path: Path, dtype: str) -> None:
     run = run_script("benchmarks/dit_step.py", "--tiny", "--dtype", dtype, "--out", str(out)).check()
     rows = _table(out)
     cases = [("flux (tiny)", "1", "1", "inf"), ("flux (tiny)", "2", "4", "10")]
-    cases += [("sd35m (tiny)", "1", "4", "inf"), ("sd35m (tiny)", "2", "1", "10")]
+    cases += [("sd35m (tiny)", "1", "4", "inf"), ("sd35m (tiny)", "2", "1", "10"), ("klein4b (tiny)", "1", "1", "inf")]
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == cases
+    defaults = {"flux": "d7-9,s7-9", "sd35m": "j7-9", "klein4b": "d2,s10"}  # the models' default blocks
     for row in rows:
-        assert len(row) == 15 and "NaN" not in row[-1], row
+        assert len(row) == 16 and "NaN" not in row[-1], row
         batch, main = int(row[1]), int(row[1]) * (1 if row[2] == "1" else 2)  # CFG 1: the host skips uncond
-        assert row[9] == f"{main} / {main}+{batch} / {main + batch}", f"model rows per call: {row[9]}"
-        assert row[3] == ("d7-9,s7-9" if row[0].startswith("flux") else "j7-9")  # the models' default blocks
-        assert row[11] == "yes", f"SEG off is not bit-identical to no extension: {row}"
+        assert row[10] == f"{main} / {main}+{batch} / {main + batch}", f"model rows per call: {row[10]}"
+        assert row[3] == defaults[row[0].split()[0]]
+        assert 1.0 < _number(row[8]) < 1.0 + batch / main, row  # the ideal: 1 + the share after the prefix
+        assert row[12] == "yes", f"SEG off is not bit-identical to no extension: {row}"
         if dtype == "float32":  # bfloat16's rounding noise is of the order of the tiny models' SEG effect
-            assert _number(row[14]) < OF_EFFECT, row
-        assert all(math.isfinite(_number(cell)) for cell in row[12:15]), row
+            assert _number(row[15]) < OF_EFFECT, row
+        assert all(math.isfinite(_number(cell)) for cell in row[13:16]), row
     assert f"SEG off bit-identical in {len(cases)} of {len(cases)}" in run.stdout

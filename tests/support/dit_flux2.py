@@ -74,10 +74,9 @@ class _Attention(nn.Module):
         return q, k, v
 
 
-def _mlp(hidden: int) -> nn.Sequential:  # Flux.2's SiLU-gated MLP
-    return nn.Sequential(
-        nn.Linear(hidden, 4 * hidden, bias=False), _SiLUGate(), nn.Linear(2 * hidden, hidden, bias=False)
-    )
+def _mlp(hidden: int, ratio: int) -> nn.Sequential:  # Flux.2's SiLU-gated MLP (``mlp_silu_act``)
+    gate_in = nn.Linear(hidden, 2 * ratio * hidden, bias=False)
+    return nn.Sequential(gate_in, _SiLUGate(), nn.Linear(ratio * hidden, hidden, bias=False))
 
 
 class _SiLUGate(nn.Module):
@@ -87,10 +86,10 @@ class _SiLUGate(nn.Module):
 
 
 class DoubleStreamBlock2(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: int = 2):
         super().__init__()
         self.img_attn, self.txt_attn = _Attention(hidden, heads), _Attention(hidden, heads)
-        self.img_mlp, self.txt_mlp = _mlp(hidden), _mlp(hidden)
+        self.img_mlp, self.txt_mlp = _mlp(hidden, mlp_ratio), _mlp(hidden, mlp_ratio)
         self.hooks = Hooks()
 
     def forward(self, img, txt, vec, pe, attn_mask=None, transformer_options=None):
@@ -108,18 +107,18 @@ class DoubleStreamBlock2(nn.Module):
 
 
 class SingleStreamBlock2(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: int = 2):
         super().__init__()
-        self.heads, self.hidden = heads, hidden
-        self.linear1 = nn.Linear(hidden, 3 * hidden + 4 * hidden, bias=False)
+        self.heads, self.hidden, self.mlp_width = heads, hidden, mlp_ratio * hidden
+        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * self.mlp_width, bias=False)
         self.norm = QKNorm(hidden // heads)
-        self.linear2 = nn.Linear(hidden + 2 * hidden, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden + self.mlp_width, hidden, bias=False)
         self.mlp_act = _SiLUGate()
         self.hooks = Hooks()
 
     def forward(self, x, vec, pe, attn_mask=None, transformer_options=None):
         mod = vec
-        qkv, mlp = self.linear1(_modulate(x, mod)).split([3 * self.hidden, 4 * self.hidden], dim=-1)
+        qkv, mlp = self.linear1(_modulate(x, mod)).split([3 * self.hidden, 2 * self.mlp_width], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
         out = attend(rope_complex(q, pe), rope_complex(k, pe), v, self.hooks).transpose(1, 2).flatten(2)
@@ -164,6 +163,8 @@ def image_ids(h_len: int, w_len: int, index: float, batch: int, device) -> torch
 class TinyFlux2(nn.Module):
     """Flux.2 layout at test size: ``forward(x, timestep, context, y=None, guidance=None, ref_latents=None)``
     as Neo's ``KModel.apply_model`` calls it (``context`` the Qwen3 hidden states; no pooled vector).
+    The keyword arguments also build the released sizes (``benchmarks/dit_step.py``: Klein 4B hidden 3072,
+    24 heads of 128, 5 + 20 blocks, MLP ratio 3, 128 latent channels, context 7680 = 3 Qwen3-4B layers).
 
     ``expose_patch``: keep the ``patch_size`` attribute (Neo has it); without it SEG must read the patch
     from ``img_in``'s width.  ``patch_attr``: a deliberately wrong ``patch_size`` to check that the
@@ -179,6 +180,7 @@ class TinyFlux2(nn.Module):
         depth: int = 2,
         single: int = 3,
         patch: int = 1,
+        mlp_ratio: int = 2,
         context_dim: int = 12,
         axes: tuple[int, ...] = AXES2,
         expose_patch: bool = True,
@@ -194,8 +196,8 @@ class TinyFlux2(nn.Module):
         self.img_in = nn.Linear(channels * patch * patch, hidden, bias=False)
         self.time_in = nn.Linear(1, hidden, bias=False)
         self.txt_in = nn.Linear(context_dim, hidden, bias=False)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock2(hidden, heads) for _ in range(depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock2(hidden, heads) for _ in range(single))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(single))
         self.double_stream_modulation_img = SharedModulation(hidden, double=True)
         self.double_stream_modulation_txt = SharedModulation(hidden, double=True)
         self.single_stream_modulation = SharedModulation(hidden, double=False)
