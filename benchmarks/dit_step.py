@@ -328,14 +328,41 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def ideal_batched(model: torch.nn.Module, layers: str, cfg_scale: float) -> float:
-    """The batched mode's exact limit: 1 + (SEG rows / main rows) x the blocks' parameter share from the
-    first blurred block on (the prefix before it is computed once for both, ``lib_seg.dit.prefix``)."""
+def _mark(device: torch.device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1000
+
+
+def suffix_share(p, model: torch.nn.Module, inputs, cfg_scale: float, layers: str, device, repeats: int) -> float:
+    """The share of a CFG-only step spent from the first blurred block to the end of the last block,
+    timed (CUDA events around the step and at those two blocks; median of ``repeats`` steps)."""
     chosen = set(query_target(model).resolve(layers))
-    sizes = [(layer in chosen, sum(p.numel() for p in block.parameters())) for layer, block in blocks_in_order(model)]
-    first = next(i for i, (blurred, _) in enumerate(sizes) if blurred)
-    share = sum(size for _, size in sizes[first:]) / sum(size for _, size in sizes)
-    return 1.0 + share / (1 if cfg_scale == 1.0 else 2)
+    order = blocks_in_order(model)
+    first = next(block for layer, block in order if layer in chosen)
+    marks: dict[str, object] = {}
+    handles = [
+        first.register_forward_pre_hook(lambda *_: marks.__setitem__("start", _mark(device))),
+        order[-1][1].register_forward_hook(lambda *_: marks.__setitem__("end", _mark(device))),
+    ]
+    shares = []
+    try:
+        for _ in range(repeats):
+            begin = _mark(device)
+            step(p, inputs, cfg_scale)
+            finish = _mark(device)
+            synchronize(device)
+            shares.append(_elapsed(marks["start"], marks["end"]) / _elapsed(begin, finish))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(shares)
 
 
 def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, args, device) -> dict:
@@ -370,7 +397,9 @@ def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, arg
         layers=layer_text,
         sigma=sigma_text,
         ms=median,
-        ideal=ideal_batched(model, layers, cfg_scale),
+        ideal=1.0
+        + suffix_share(ps["cfg"], model, inputs, cfg_scale, layers, device, args.repeats)
+        / (1 if cfg_scale == 1.0 else 2),
         rows={mode: "+".join(map(str, rows[mode])) for mode in TIMED},
         peaks=peaks,
         identical=torch.equal(outs["off"], outs["cfg"]),
