@@ -34,7 +34,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-HOSTS = {"forge2": ("FORGE_DIR", "/work/hosts/forge2"), "reforge": ("REFORGE_DIR", "/work/hosts/reforge")}
+HOSTS = {
+    "forge2": ("FORGE_DIR", "/work/hosts/forge2"),
+    "reforge": ("REFORGE_DIR", "/work/hosts/reforge"),
+    "neo": ("NEO_DIR", "/work/hosts/neo/webui"),
+}
 IMITATION = "imitation"  # no host tree: the repo's test imitations (tests/support)
 BATCH, N_TXT, REGISTERS = 2, 5, 2
 SD3_CTX = N_TXT + REGISTERS  # MMDiT: register tokens, then text, then the image
@@ -45,6 +49,9 @@ SIGMAS = (0.5, 1.5, math.inf)
 # ``apply_rope``: ``xq.float()``; reForge ``flux/math.py attention``: ``q.to(pe.dtype)``), so the two runs
 # round different queries to float32 (unit roundoff 6e-8): 2**7 float32 epsilons (~1.5e-5) of room.
 FLOAT64_REL, ROPE_REL = 2.0**20 * 2.0**-52, 2.0**7 * 2.0**-23
+# Neo's RoPE kernel (comfy_kitchen ``apply_rope``) has no float64: its models run wholly in float32, where the
+# issue's acceptance bound is 1e-6 relative (about 8 float32 epsilons of rounding amplified by two blocks).
+FLOAT32_REL = 1e-6
 EFFECT_FACTOR = 10.0  # the blur must move the output by more than this many bounds
 
 
@@ -56,6 +63,7 @@ class Case:
     attention: tuple[str, str]  # (module, attribute) the blocks call for attention
     specs: tuple[str, ...]
     n_ctx: int = N_TXT  # tokens before the image in the joint sequence (text, MMDiT registers)
+    patch: int = 2  # the model's patch side (Flux.2: 1)
     n_extra: int = 0  # tokens after the image (Kontext references)
     rel: float = FLOAT64_REL
 
@@ -67,9 +75,13 @@ def setup(host: str) -> str:
         return os.path.join(repo, "tests", "support")
     env, default = HOSTS[host]
     tree = os.path.abspath(os.environ.get(env, default))
-    extra = [f"{tree}/packages_3rdparty", f"{tree}/repositories/huggingface_guess"] if host == "forge2" else []
+    extra = {
+        "forge2": [f"{tree}/packages_3rdparty", f"{tree}/repositories/huggingface_guess"],
+        "neo": [f"{tree}/modules_forge/packages"],  # Neo vendors gguf and huggingface_guess there
+    }.get(host, [])
     sys.path[:0] = [tree, *extra, repo]
-    sys.argv[1:] = ["--always-cpu"]  # both hosts parse argv when imported
+    sys.argv[1:] = ["--cpu" if host == "neo" else "--always-cpu"]  # the hosts parse argv when imported (Neo
+    # rejects unknown flags, and --always-cpu is gone there)
     if host == "reforge":
         from ldm_patched.modules import args_parser
 
@@ -193,7 +205,54 @@ def imitation_cases() -> list[Case]:
     ]
 
 
-CASES = {"forge2": forge2_cases, "reforge": reforge_cases, IMITATION: imitation_cases}
+def neo_cases() -> list[Case]:
+    """Neo 2.26's own ``backend/nn/flux.py`` / ``chroma.py`` classes (de2193d), float32: Flux.1 (with Kontext
+    references), Chroma, and Flux.2-Klein with the ``flux2`` config Neo's ``huggingface_guess/detection.py``
+    derives (patch 1, 4 RoPE axes, theta 2000, shared modulation, SiLU MLP, no biases, text ids on axis 3),
+    with and without reference images (Klein's edit mode, ``index`` method)."""
+    import torch
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+
+    def build(cls, **sizes):
+        return randomize(cls(**sizes)).float()
+
+    def f32(inputs: dict) -> dict:
+        cast = lambda v: v.float() if torch.is_tensor(v) else [t.float() for t in v]  # noqa: E731
+        return {key: cast(value) for key, value in inputs.items()}
+
+    sizes = dict(context_in_dim=48, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2)
+    flux = build(
+        IntegratedFluxTransformer2DModel, in_channels=16, out_channels=16, vec_in_dim=32, mlp_ratio=4.0,
+        axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, **sizes,
+    )  # fmt: skip
+    klein = build(
+        IntegratedFluxTransformer2DModel, in_channels=16, out_channels=16, vec_in_dim=None, mlp_ratio=3.0,
+        axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+        txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+        default_ref_method="index", ref_index_scale=10.0, **sizes,
+    )  # fmt: skip
+    chroma = build(
+        IntegratedChromaTransformer2DModel, in_channels=64, out_channels=64, mlp_ratio=4.0, axes_dim=[8, 12, 12],
+        theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=96, n_layers=2,
+        txt_ids_dims=[], vec_in_dim=None, **sizes,
+    )  # fmt: skip
+    attention = ("backend.nn.flux", "attention_function")  # flux.attention(); Chroma's blocks are flux's
+    kontext = f32(draw_inputs((9, 13), ref=(6, 8)))
+    klein_inputs = f32(draw_inputs((9, 13), ("y", "guidance")))
+    klein_edit = f32(draw_inputs((9, 13), ("y", "guidance"), ref=(5, 7)))
+    return [
+        Case("Flux", flux, f32(draw_inputs((9, 13))), attention, FLUX_SPECS, rel=FLOAT32_REL),
+        Case("Flux+Kontext", flux, kontext, attention, FLUX_SPECS, n_extra=3 * 4, rel=FLOAT32_REL),
+        Case("Chroma", chroma, f32(draw_inputs((9, 13), ("y", "guidance"))), attention, FLUX_SPECS, rel=FLOAT32_REL),
+        Case("Flux.2-Klein", klein, klein_inputs, attention, FLUX_SPECS, patch=1, rel=FLOAT32_REL),
+        Case("Flux.2-Klein+ref", klein, klein_edit, attention, FLUX_SPECS, n_extra=5 * 7, patch=1, rel=FLOAT32_REL),
+        Case("Flux.2-Klein 8x8", klein, f32(draw_inputs((8, 8), ("y", "guidance"))), attention, FLUX_SPECS, patch=1,
+             rel=FLOAT32_REL),
+    ]  # fmt: skip
+
+
+CASES = {"forge2": forge2_cases, "reforge": reforge_cases, "neo": neo_cases, IMITATION: imitation_cases}
 
 
 def gaussian_1d(sigma: float, side: int):
@@ -317,7 +376,7 @@ def run_case(host: str, case: Case, report) -> None:
     from lib_seg.dit.layers import resolve_layers
 
     latent = tuple(case.inputs["x"].shape[-2:])
-    grid = (-(-latent[0] // 2), -(-latent[1] // 2))  # 2x2 patches (even latent for Forge's MMDiTX)
+    grid = (-(-latent[0] // case.patch), -(-latent[1] // case.patch))  # (even latent for Forge's MMDiTX)
     label = f"{host} {case.name} {latent[0]}x{latent[1]}"
     report(no_hooks(case.model), f"{label}: no hooks before")
     plain = call(case)
