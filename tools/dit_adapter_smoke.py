@@ -25,9 +25,10 @@ appended; separate: the main call, then one cond-only call), no hooks left on th
 patcher's ``model_options`` untouched, SEG off (disabled, scale 0) bit-identical to no extension, and a layer
 spec the model lacks fails sampling with a ValueError that names the model's blocks.
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR as in dit_backend_smoke):
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR as in dit_backend_smoke):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_adapter_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_adapter_smoke.py --host reforge
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/neo/venv/bin/python tools/dit_adapter_smoke.py --host neo
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` takes the patcher
 (``UnetPatcher``, ``DitModel`` as KModel runs a DiT), the sampling module (``sampling_function`` /
@@ -210,7 +211,41 @@ class Imitation:
         return self.sampling.calc_cond_uncond_batch(patcher.model, cond, None, x, sigma, patcher.model_options)[0]
 
 
-APIS = {"forge2": Forge2, "reforge": ReForge, smoke.IMITATION: Imitation}
+class Neo(Forge2):
+    """Forge Neo 2.26 (de2193d): Forge 2.x's names (``backend.sampling.sampling_function.sampling_function``,
+    ``calc_cond_uncond_batch``, ``condition.compile_weighted_conditions``, ``UnetPatcher.from_model``), with
+    ``k_predictor`` a keyword, a model config that ``KModel.memory_required`` reads (``memory_usage_factor``)
+    and ``PredictionFlux`` reads (``sampling_settings``), as ``backend/diffusion_engine/flux.py`` / ``flux2.py``
+    build them.  The transformers are dit_backend_smoke's Neo float32 builds (comfy_kitchen's RoPE has no
+    float64); the reference-image cases are left to dit_backend_smoke (they need Neo's ``ref_latents``)."""
+
+    output_rel = F32_OUTPUT_REL
+
+    def cases(self):
+        wanted = ("Flux", "Chroma", "Flux.2-Klein", "Flux.2-Klein 8x8")
+        return [case for case in smoke.neo_cases() if case.name in wanted]
+
+    def wrap(self, case):
+        from backend.args import dynamic_args
+        from backend.modules.k_prediction import PredictionFlux
+        from backend.patcher.unet import UnetPatcher
+
+        if dynamic_args.ops is None:  # set by backend/operations.py when the loader builds a model
+            dynamic_args.ops = "Operations"
+
+        model, cpu = case.model, self.torch.device("cpu")
+        model.storage_dtype = model.computation_dtype = self.torch.float32
+        model.load_device = model.offload_device = model.initial_device = cpu
+        klein = getattr(model, "global_modulation", False)  # model_list.py: Flux2K4B 14.6 / shift 2.02, Flux 3.1
+        config = SimpleNamespace(
+            memory_usage_factor=14.6 if klein else 3.1, sampling_settings={"shift": 2.02 if klein else 1.15}
+        )
+        return UnetPatcher.from_model(
+            model=model, diffusers_scheduler=None, config=config, k_predictor=PredictionFlux(config)
+        )
+
+
+APIS = {"forge2": Forge2, "reforge": ReForge, "neo": Neo, smoke.IMITATION: Imitation}
 
 
 def processing(patcher):
@@ -254,12 +289,12 @@ def run_case(host: str, api, case, report) -> None:
     x, generator = inputs["x"], torch.Generator().manual_seed(2)
     negative = {key: value for key, value in inputs.items() if key == "guidance"}
     negative.update(
-        {key: torch.randn(inputs[key].shape, generator=generator).double() for key in ("context", "y") if key in inputs}
+        {key: torch.randn(inputs[key].shape, generator=generator).to(x) for key in ("context", "y") if key in inputs}
     )
     cond, uncond = api.text_conds(inputs), api.text_conds(negative)
-    sigma = torch.full((IMAGES,), SIGMA_T, dtype=torch.float64)
+    sigma = torch.full((IMAGES,), SIGMA_T, dtype=x.dtype)
     latent = tuple(x.shape[-2:])
-    grid = (-(-latent[0] // 2), -(-latent[1] // 2))  # 2x2 patches, odd sides padded
+    grid = (-(-latent[0] // case.patch), -(-latent[1] // case.patch))  # the model's patches, odd sides padded
     label = f"{host} {case.name} {latent[0]}x{latent[1]}"
     rel = case.rel + api.output_rel
 
