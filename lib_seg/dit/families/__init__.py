@@ -15,8 +15,9 @@ from typing import Any
 from .base import DitFamily
 from .flux import FLUX1, FLUX2
 from .mmdit import MMDIT
+from .nextdit import LUMINA2, ZIMAGE
 
-FAMILIES: tuple[DitFamily, ...] = (FLUX2, FLUX1, MMDIT)
+FAMILIES: tuple[DitFamily, ...] = (FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 

@@ -1,0 +1,220 @@
+"""Z-Image (Turbo) and Lumina Image 2 (Neta Lumina): NextDiT, single-stream ``layers`` after two refiners.
+
+Read at Neo ``backend/nn/lumina.py`` (de2193d; interfaces only, no code taken), the class ``NextDiT``
+that ``backend/loader.py:394-406`` builds for both from ``huggingface_guess/detection.py:43-79`` (width
+3840 = Z-Image: 30 heads, RoPE axes 32/48/48, theta 256, ``z_image_modulation``, pad tokens to a multiple
+of 32 where the checkpoint has ``cap_pad_token``; width 2304 = Lumina 2: 24 heads over 8 k/v heads, axes
+32/32/32, theta 10000, no pad tokens):
+
+* What is blurred: the image queries of the main ``layers[i]`` (``l0`` ...), whose attention runs over
+  the joint ``[caption | caption pad | image | image pad]`` sequence with no mask (``lumina.py:382,
+  413-414``).  Caption, pad tokens, all keys and values stay as they are.  The ``context_refiner``
+  (caption only) and ``noise_refiner`` (image only, before any text is seen) layers are not blocks here.
+* Hook point: ``layers[i].attention.q_norm`` (``nn.RMSNorm`` on ``(B, L, heads, D)``, called as a module,
+  ``lumina.py:86``); comfy-kitchen's ``apply_rope`` follows inside ``JointAttention.forward``, where no
+  extension reaches.  The hook writes ``R^-1 blur(R q)`` (:func:`lib_seg.dit.queries.blur_before_rope`)
+  with the ``freqs_cis`` the attention was called with: Flux's 2x2 rotations, moved to ``(B, L, 1, D/2,
+  2, 2)`` (``lumina.py:372``), so the host's own rotation gives exactly the blurred post-RoPE queries
+  (up to rounding: Neo casts the rotations to the latent's dtype, so in bf16 ``R^T`` is R's inverse
+  to bf16 precision only).
+  Without ``qk_norm`` Neo shares one ``nn.Identity`` as q- and k-norm: only its first call in each
+  attention call (q, ``lumina.py:86-87``) is blurred.  Nunchaku's Z-Image attention (``svdq.py:854-913``)
+  norms and rotates inside its GEMM and never calls the q-norm: such a block is reported, not blurred.
+* Geometry, from the model and the call: the patch side is the model's ``patch_size`` (or
+  ``x_embedder``'s width); odd sides are padded (``pad_to_patch_size``), grid ``ceil(H / p) x ceil(W / p)``;
+  the image starts after the caption, ``context.shape[1]`` rounded up to the model's
+  ``pad_tokens_multiple`` (``lumina.py:351-353``); the image pad tokens follow the image.  Check: the
+  position ids the model gives ``rope_embedder`` must put those tokens row-major on that grid (axes 1, 2
+  = row, column, ``lumina.py:362-365``), else every block is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
+from lib_seg.dit.layers import DitLayer
+from lib_seg.dit.queries import Rows, blur_before_rope
+
+from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+
+# Main ``layers`` of the released models (each also has 2 noise_refiner + 2 context_refiner layers).
+RELEASED: dict[str, int] = {
+    "z-image-turbo": 30,  # Neo backend/huggingface/Tongyi-MAI/Z-Image-Turbo/transformer/config.json: n_layers 30
+    "neta-lumina": 26,  # Neo backend/huggingface/neta-art/Neta-Lumina/transformer/config.json: num_layers 26
+}  # Neo counts them from the checkpoint (detection.py:52), so other depths work the same
+
+Where = tuple[tuple[int, int], int]  # (grid, caption tokens before the image, pad tokens included)
+
+
+def _patch(model: nn.Module, channels: int) -> int | None:
+    size = model_patch_size(model, channels)
+    features = getattr(getattr(model, "x_embedder", None), "in_features", None)
+    if size is None and isinstance(features, int) and channels > 0 and features % channels == 0:
+        side = math.isqrt(features // channels)
+        size = side if side * side * channels == features else None
+    return size
+
+
+def _is_nextdit(model: Any) -> bool:
+    """Main ``layers`` with an ``attention`` each, after ``noise_refiner`` and ``context_refiner``,
+    fed by ``x_embedder`` (patches) and ``cap_embedder`` (caption)."""
+    return (
+        has_blocks(model, "layers", "noise_refiner", "context_refiner")
+        and isinstance(getattr(model, "cap_embedder", None), nn.Module)
+        and isinstance(getattr(model, "x_embedder", None), nn.Module)
+        and all(isinstance(getattr(block, "attention", None), nn.Module) for block in model.layers)
+    )
+
+
+def _z_image_modulation(model: nn.Module) -> bool:
+    """Neo's ``z_image_modulation`` (set for width 3840): each layer's ``adaLN_modulation`` is a bare
+    ``Linear``, where Lumina 2's starts with a SiLU (``lumina.py:139-147``)."""
+    modulation = getattr(model.layers[0], "adaLN_modulation", None) if len(model.layers) else None
+    return isinstance(modulation, nn.Sequential) and len(modulation) > 0 and isinstance(modulation[0], nn.Linear)
+
+
+class _Call:
+    """What one model call tells the hooks: latent, caption length, position ids, each layer's rotations."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.latent: tuple[int, int, int] | None = None  # (C, H, W)
+        self.n_context: int | None = None
+        self.ids: torch.Tensor | None = None
+        self.freqs: dict[DitLayer, Any] = {}
+        self.pending: dict[DitLayer, bool] = {}  # attention called, its q-norm not yet
+        self._where: Where | str | None = None
+
+    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.reset()
+        call = arguments(model, args, kwargs)
+        x, context = call.get("x", args[0] if args else None), call.get("context")
+        if torch.is_tensor(x) and x.dim() == 4:
+            self.latent = tuple(x.shape[1:])
+        if torch.is_tensor(context) and context.dim() == 3:
+            self.n_context = int(context.shape[1])
+
+    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
+
+    def where(self) -> Where | str:
+        """``(grid, n_cap)`` of this call's image tokens, or the reason they cannot be placed."""
+        if self._where is None:
+            self._where = self._locate()
+        return self._where
+
+    def _locate(self) -> Where | str:
+        if self.latent is None:
+            return "the model call passed no 4D latent"
+        channels, height, width = self.latent
+        patch = _patch(self.model, channels)
+        if patch is None:
+            return "the model's patch size could not be read"
+        grid = patch_grid(height, width, patch, pad=True)
+        if self.n_context is None:
+            return "the model call passed no caption sequence (context)"
+        multiple = getattr(self.model, "pad_tokens_multiple", None)
+        n_cap = self.n_context + ((-self.n_context) % multiple if isinstance(multiple, int) and multiple > 0 else 0)
+        if self.ids is not None:
+            stop = n_cap + grid[0] * grid[1]
+            if self.ids.shape[1] < stop or not positions_fit_grid(self.ids[:, n_cap:stop, 1:3], grid):
+                return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
+        return grid, n_cap
+
+
+def _hooks(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
+    """The attention's pre- and post-hook and the q-norm's forward hook of one chosen layer."""
+
+    def before(attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        call.freqs[layer] = arguments(attention, args, kwargs).get("freqs_cis")
+        call.pending[layer] = True
+
+    def after(_attention: nn.Module, args: tuple, _output: Any) -> None:
+        if call.pending.pop(layer, False):  # the q-norm was never called: a fused kernel
+            n_tokens = args[0].shape[1] if args and torch.is_tensor(args[0]) and args[0].dim() == 3 else 0
+            reason = "its attention never called the q-norm module (a fused kernel, such as Nunchaku's)"
+            skipped(on_skip, layer, n_tokens, None, reason)
+
+    def on_q(_norm: nn.Module, _args: tuple, q: Any) -> Any:
+        if not call.pending.pop(layer, False):  # a shared Identity's second call (k), or outside attention
+            return None
+        where = call.where()
+        if isinstance(where, str):
+            return skipped(on_skip, layer, q.shape[1], None, where)
+        grid, n_cap = where
+        freqs = call.freqs.get(layer)
+        fits = torch.is_tensor(freqs) and freqs.dim() == 6 and q.dim() == 4 and freqs.shape[1:3] == (q.shape[1], 1)
+        if not fits:
+            return skipped(on_skip, layer, q.shape[1], grid, "no RoPE rotations of its tokens reached the attention")
+        image = slice(n_cap, n_cap + grid[0] * grid[1])
+        if image.stop > q.shape[1]:
+            return skipped(on_skip, layer, q.shape[1], grid)
+        blurred = blur_before_rope(q.transpose(1, 2), freqs.transpose(1, 2), image, grid, sigma, rows)
+        return blurred.transpose(1, 2).contiguous()
+
+    return before, after, on_q
+
+
+class NextDiTFamily(DitFamily):
+    """Lumina Image 2 / Neta Lumina: ``layers`` (``l``) after ``noise_refiner`` and ``context_refiner``."""
+
+    name, title = "lumina2", "Lumina Image 2 / Neta Lumina"
+    kinds = ("layer",)
+    attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
+    default = None
+    default_source = (
+        "no published SEG, PAG or skip-layer choice for NextDiT: the middle layer, l13 of Neta Lumina's 26 "
+        "(Neo neta-art/Neta-Lumina/transformer/config.json)"
+    )
+
+    def matches(self, model: Any) -> bool:
+        return _is_nextdit(model) and not _z_image_modulation(model)
+
+    def arm(
+        self,
+        model: nn.Module,
+        layers: Iterable[DitLayer],
+        sigma: float,
+        rows: Rows,
+        on_skip: SkipCallback | None,
+        handles: list[RemovableHandle],
+    ) -> None:
+        call = _Call(model)
+        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+        embedder = getattr(model, "rope_embedder", None)
+        if isinstance(embedder, nn.Module):
+            handles.append(embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
+        for layer in layers:
+            attention = self.block(model, layer).attention
+            before, after, on_q = _hooks(layer, call, sigma, rows, on_skip)
+            (norm,) = submodules(attention, layer, ["q_norm"])
+            handles.append(attention.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(attention.register_forward_hook(after))
+            handles.append(norm.register_forward_hook(on_q))
+
+
+class ZImageFamily(NextDiTFamily):
+    """Z-Image (Turbo): NextDiT with ``z_image_modulation`` (:func:`_z_image_modulation`), width 3840."""
+
+    name, title = "zimage", "Z-Image"
+    default_source = (
+        "no published SEG, PAG or skip-layer choice for Z-Image: the middle layer, l15 of Z-Image-Turbo's 30 "
+        "(Neo Tongyi-MAI/Z-Image-Turbo/transformer/config.json)"
+    )
+
+    def matches(self, model: Any) -> bool:
+        return _is_nextdit(model) and _z_image_modulation(model)
+
+
+LUMINA2, ZIMAGE = NextDiTFamily(), ZImageFamily()
