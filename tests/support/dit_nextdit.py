@@ -92,10 +92,10 @@ class FeedForward(nn.Module):
 
 
 class JointTransformerBlock(nn.Module):
-    def __init__(self, dim, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, fused=False):
+    def __init__(self, dim, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn_hidden, fused=False):
         super().__init__()
         self.attention = JointAttention(dim, heads, kv_heads, qk_norm, fused)
-        self.feed_forward = FeedForward(dim, 2 * dim)
+        self.feed_forward = FeedForward(dim, ffn_hidden)
         self.attention_norm1, self.attention_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.ffn_norm1, self.ffn_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.modulation = modulation
@@ -152,7 +152,9 @@ def position_ids(n_cap: int, h_len: int, w_len: int, n_pad: int, batch: int, dev
 class TinyNextDiT(nn.Module):
     """NextDiT at test size.  ``z_image``: Z-Image's bare-Linear adaLN (Lumina 2: SiLU first);
     ``pad_multiple``: Neo's ``pad_tokens_multiple`` (Z-Image 32, Lumina 2 None); ``kv_heads`` below
-    ``heads``: grouped k/v heads (Lumina 2: 24 / 8); ``qk_norm=False``: one shared Identity."""
+    ``heads``: grouped k/v heads (Lumina 2: 24 / 8); ``qk_norm=False``: one shared Identity.
+    ``adaln_dim`` (the time embedding's width: Z-Image 256, Lumina 2 1024) and ``ffn_hidden`` (the
+    SiLU-gated MLP's width: Z-Image 10240, Lumina 2 9216) also build the released layouts."""
 
     def __init__(
         self,
@@ -172,6 +174,7 @@ class TinyNextDiT(nn.Module):
         fused: bool = False,
         patch_attr: int | None = None,
         adaln_dim: int = 16,
+        ffn_hidden: int | None = None,
     ):
         super().__init__()
         if sum(axes) != hidden // heads:
@@ -182,7 +185,8 @@ class TinyNextDiT(nn.Module):
         kv_heads = heads if kv_heads is None else kv_heads
 
         def block(modulation: bool) -> JointTransformerBlock:
-            return JointTransformerBlock(hidden, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, fused)
+            ffn = 2 * hidden if ffn_hidden is None else ffn_hidden
+            return JointTransformerBlock(hidden, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn, fused)
 
         self.x_embedder = nn.Linear(patch * patch * channels, hidden)
         self.noise_refiner = nn.ModuleList(block(True) for _ in range(refiners))
