@@ -14,10 +14,11 @@ from typing import Any
 
 from .base import DitFamily
 from .flux import FLUX1, FLUX2
+from .krea import KREA2
 from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
 
-FAMILIES: tuple[DitFamily, ...] = (FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
+FAMILIES: tuple[DitFamily, ...] = (KREA2, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 

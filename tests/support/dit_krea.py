@@ -1,0 +1,259 @@
+"""A small from-scratch Krea 2 with the attention math and call signature of Neo's ``backend/nn/krea.py``.
+
+Written from the structure of Neo 2.26 (exo101/sd-webui-forge-neo-v3 de2193d, ``webui/backend/nn/krea.py``,
+``SingleStreamDiT``; ComfyUI's ``comfy/ldm/krea2/model.py`` v0.26.1); no host code copied.  What SEG must read
+from it:
+
+* ``forward(x, timesteps, context, attention_mask=None, transformer_options={}, **kwargs)`` (lines 357-410);
+  ``x`` 4D or Neo's 5D Wan layout ``(B, C, T, H, W)`` (frames folded into the batch); ``context``
+  ``(B, seq, txtlayers * txtdim)``, the tapped Qwen3-VL layers side by side, squeezed at dim 1 and unpacked;
+* ``patch`` 2 (``first`` takes ``channels * 4``), odd sides padded (circular, as ``pad_to_patch_size``),
+  patches row-major; the text-fusion transformer ``txtfusion`` (``layerwise_blocks`` attend across the
+  tapped layers of each token, a ``projector`` merges them, ``refiner_blocks`` attend across tokens);
+* one stream ``blocks`` of ``SingleStreamBlock`` over ``cat(context, img)``; ``attn`` is grouped-query attention
+  (``kvheads`` < ``heads``), ``qknorm(q, k) -> (q, k)`` called as a module, then RoPE (``pe_embedder(pos)``:
+  text ``(0, 0, 0)``, image ``(0, row, col)``), k/v heads repeated, attention, a sigmoid output gate;
+* ``ref_latents`` (lines 75-144): reference tokens after the image with ids ``(i + 1, row, col)``, and the
+  blocks run through a function (``_block_ref_forward``) that calls ``block.mod``/``block.attn`` directly,
+  never the block module; the reference span gets the modulation of timestep 0.
+
+Each attention module (``blocks[i].attn``) honours a ``hooks`` attribute (:class:`tests.support.dit_blocks.Hooks`):
+with ``logits`` set it computes softmax(logits) explicitly for the slow reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.support.dit_blocks import Hooks, attend, rope_complex, rope_rotations
+
+
+class RMSNorm(nn.Module):
+    """Krea's RMSNorm: weight ``scale + 1`` (``scale`` starts near 0 here)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.scale = eps, nn.Parameter(0.1 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.scale + 1.0)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qnorm, self.knorm = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qnorm(q), self.knorm(k)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Attention(nn.Module):
+    """``wq/wk/wv/gate/qknorm/wo``; q ``heads``, k/v ``kvheads``; RoPE after ``qknorm`` when ``freqs`` is given."""
+
+    def __init__(self, dim: int, heads: int, kvheads: int):
+        super().__init__()
+        self.heads, self.kvheads, head = heads, kvheads, dim // heads
+        self.wq, self.gate = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.wk, self.wv = nn.Linear(dim, head * kvheads, bias=False), nn.Linear(dim, head * kvheads, bias=False)
+        self.qknorm = QKNorm(head)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.hooks = Hooks()
+
+    def forward(self, x, freqs=None, mask=None, transformer_options=None):
+        q = self.wq(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.wk(x).unflatten(-1, (self.kvheads, -1)).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, (self.kvheads, -1)).transpose(1, 2)
+        q, k = self.qknorm(q, k)
+        if freqs is not None:
+            q, k = rope_complex(q, freqs), rope_complex(k, freqs)
+        rep = self.heads // self.kvheads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = attend(q, k, v, self.hooks).transpose(1, 2).flatten(2)
+        return self.wo(out * torch.sigmoid(self.gate(x)))
+
+
+class TextFusionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.prenorm, self.postnorm = RMSNorm(dim), RMSNorm(dim)
+        self.attn, self.mlp = Attention(dim, heads, heads), SwiGLU(dim, 2 * dim)
+
+    def forward(self, x, mask=None, transformer_options=None):
+        x = x + self.attn(self.prenorm(x), mask=mask)
+        return x + self.mlp(self.postnorm(x))
+
+
+class TextFusionTransformer(nn.Module):
+    def __init__(self, txtlayers: int, txtdim: int, heads: int):
+        super().__init__()
+        self.layerwise_blocks = nn.ModuleList(TextFusionBlock(txtdim, heads) for _ in range(2))
+        self.projector = nn.Linear(txtlayers, 1, bias=False)
+        self.refiner_blocks = nn.ModuleList(TextFusionBlock(txtdim, heads) for _ in range(2))
+
+    def forward(self, x, mask=None, transformer_options=None):
+        b, seq, layers, dim = x.shape
+        x = x.reshape(b * seq, layers, dim)
+        for block in self.layerwise_blocks:  # across the tapped layers of each token
+            x = block(x)
+        x = self.projector(x.reshape(b, seq, layers, dim).transpose(-1, -2)).squeeze(-1)
+        for block in self.refiner_blocks:  # across the tokens
+            x = block(x, mask=mask)
+        return x
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kvheads: int):
+        super().__init__()
+        self.mod = nn.Parameter(0.3 * torch.randn(6 * dim))  # DoubleSharedModulation's ``lin``, added to vec
+        self.prenorm, self.postnorm = RMSNorm(dim), RMSNorm(dim)
+        self.attn, self.mlp = Attention(dim, heads, kvheads), SwiGLU(dim, 2 * dim)
+
+    def modulation(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (vec + self.mod).chunk(6, dim=-1)
+
+    def forward(self, x, vec, freqs, mask=None, transformer_options=None):
+        prescale, preshift, pregate, postscale, postshift, postgate = self.modulation(vec)
+        x = x + pregate * self.attn((1 + prescale) * self.prenorm(x) + preshift, freqs, mask)
+        return x + postgate * self.mlp((1 + postscale) * self.postnorm(x) + postshift)
+
+
+def _block_with_refs(block: SingleStreamBlock, x, vec, refvec, split: int, freqs) -> torch.Tensor:
+    """Neo's ``_block_ref_forward``: the span from ``split`` on (references) is modulated by ``refvec``;
+    the block module itself is never called."""
+    m, r = block.modulation(vec), block.modulation(refvec)
+
+    def mod(h, scale, shift):
+        return torch.cat([(1 + m[scale]) * h[:, :split] + m[shift], (1 + r[scale]) * h[:, split:] + r[shift]], dim=1)
+
+    def gate(h, g):
+        return torch.cat([m[g] * h[:, :split], r[g] * h[:, split:]], dim=1)
+
+    x = x + gate(block.attn(mod(block.prenorm(x), 0, 1), freqs, None), 2)
+    return x + gate(block.mlp(mod(block.postnorm(x), 3, 4)), 5)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64, device=t.device) / (dim // 2))
+    args = 1000.0 * t[:, None].double() * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    b, c, height, width = x.shape
+    tokens = x.reshape(b, c, height // patch, patch, width // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(b, (height // patch) * (width // patch), c * patch * patch)
+
+
+def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    pad_h, pad_w = (-x.shape[-2]) % patch, (-x.shape[-1]) % patch
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
+
+
+def grid_ids(h_len: int, w_len: int, index: float, batch: int, device) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
+    ids = torch.stack([torch.full_like(rows, 0) + index, rows, cols], dim=-1).reshape(1, -1, 3)
+    return ids.double().expand(batch, -1, -1).to(device)
+
+
+class EmbedND(nn.Module):
+    """``pe_embedder``: ``(B, L, 3)`` ids -> ``(B, 1, L, D/2, 2, 2)`` rotations (Flux's ``EmbedND``)."""
+
+    def __init__(self, axes: tuple[int, ...], theta: float):
+        super().__init__()
+        self.axes, self.theta = tuple(axes), theta
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return rope_rotations(ids, self.axes, self.theta)
+
+
+class TinyKrea2(nn.Module):
+    """Krea 2 at test size.  ``layers``: ``blocks`` (Krea 2: 28); ``kvheads`` < ``heads`` as Krea's GQA.
+    ``patch_attr``: a deliberately wrong ``patch`` attribute (the ids check must catch it)."""
+
+    def __init__(
+        self,
+        channels: int = 4,
+        features: int = 32,
+        heads: int = 2,
+        kvheads: int = 1,
+        layers: int = 3,
+        patch: int = 2,
+        txtdim: int = 8,
+        txtlayers: int = 3,
+        tdim: int = 8,
+        patch_attr: int | None = None,
+    ):
+        super().__init__()
+        head = features // heads
+        axes = (head - 12 * (head // 16), 6 * (head // 16), 6 * (head // 16))  # Neo's split (lines 332-334)
+        if head < 16 or sum(axes) != head:
+            raise ValueError(f"head width {head} gives no spatial RoPE axes")
+        self.patch, self.real_patch, self.channels = patch if patch_attr is None else patch_attr, patch, channels
+        self.tdim, self.txtdim, self.txtlayers = tdim, txtdim, txtlayers
+        self.pe_embedder = EmbedND(axes, 1000.0)
+        self.first = nn.Linear(channels * patch * patch, features)
+        self.blocks = nn.ModuleList(SingleStreamBlock(features, heads, kvheads) for _ in range(layers))
+        self.tmlp = nn.Sequential(nn.Linear(tdim, features), nn.GELU(approximate="tanh"), nn.Linear(features, features))
+        self.txtfusion = TextFusionTransformer(txtlayers, txtdim, heads)
+        self.txtmlp = nn.Sequential(RMSNorm(txtdim), nn.Linear(txtdim, features), nn.GELU(approximate="tanh"))
+        self.last_norm, self.last = RMSNorm(features), nn.Linear(features, patch * patch * channels)
+        self.last_mod = nn.Linear(features, 2 * features)
+        self.tproj = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(features, 6 * features))
+
+    def _time(self, timesteps: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.tmlp(timestep_embedding(timesteps, self.tdim).unsqueeze(1).to(dtype))
+        return t, self.tproj(t)
+
+    def forward(self, x, timesteps, context, attention_mask=None, transformer_options=None, **kwargs):
+        refs = kwargs.get("ref_latents")
+        frames = x.shape[2] if x.dim() == 5 else 0
+        if frames:  # Neo folds the frames into the batch by a plain reshape (batch-major rows)
+            x = x.reshape(x.shape[0] * frames, x.shape[1], *x.shape[-2:])
+        batch, _, height, width = x.shape
+        p = self.real_patch
+        padded = pad_to_patch(x, p)
+        h_len, w_len = padded.shape[-2] // p, padded.shape[-1] // p
+        context = context.squeeze(1)
+        context = context.reshape(*context.shape[:2], self.txtlayers, self.txtdim)
+        tokens, ids = [patchify(padded, p)], [grid_ids(h_len, w_len, 0, batch, x.device)]
+        for i, ref in enumerate(refs or []):
+            ref = pad_to_patch(ref.to(x).expand(batch, -1, -1, -1), p)
+            tokens.append(patchify(ref, p))
+            ids.append(grid_ids(ref.shape[-2] // p, ref.shape[-1] // p, i + 1, batch, x.device))
+        img = self.first(torch.cat(tokens, dim=1))
+        t, tvec = self._time(timesteps, img.dtype)
+        txt = self.txtmlp(self.txtfusion(context))
+        n_txt = txt.shape[1]
+        combined = torch.cat([txt, img], dim=1)
+        pos = torch.cat([torch.zeros(batch, n_txt, 3, dtype=torch.float64, device=x.device), *ids], dim=1)
+        freqs = self.pe_embedder(pos).to(torch.promote_types(x.dtype, torch.float32))
+        if refs:
+            _, tvec0 = self._time(torch.zeros_like(timesteps), img.dtype)
+            split = n_txt + h_len * w_len
+            for block in self.blocks:
+                combined = _block_with_refs(block, combined, tvec, tvec0, split, freqs)
+        else:
+            for block in self.blocks:
+                combined = block(combined, tvec, freqs, None, transformer_options=transformer_options)
+        scale, shift = self.last_mod(t).chunk(2, dim=-1)
+        out = self.last((1 + scale) * self.last_norm(combined) + shift)[:, n_txt : n_txt + h_len * w_len]
+        out = out.reshape(batch, h_len, w_len, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        out = out.reshape(batch, self.channels, h_len * p, w_len * p)[..., :height, :width]
+        if frames:
+            out = out.reshape(-1, frames, self.channels, height, width).movedim(1, 2)
+        return out
