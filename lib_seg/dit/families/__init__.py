@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import DitFamily
+from .ernie import ERNIE
 from .flux import FLUX1, FLUX2
 from .krea import KREA2
 from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
 
-FAMILIES: tuple[DitFamily, ...] = (KREA2, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
+FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 

@@ -1,0 +1,225 @@
+"""Ernie-Image (Baidu ERNIE-Image, -Turbo): one stream of ``layers`` over ``[image | text]``.
+
+Read at Neo ``webui/backend/nn/ernie.py`` (de2193d; ComfyUI's ``comfy/ldm/ernie/model.py``), interfaces only,
+no code taken.  ``ErnieImageModel``: 36 ``layers`` (``ErnieImageSharedAdaLNBlock``, one adaLN modulation
+shared by all), full self-attention over ``cat(image, text)`` (image first, lines 244, 270), patch 1 on the
+128-channel Flux.2 latent.
+
+* What is blurred: in each chosen layer, the image-token queries as they enter attention, after ``norm_q``
+  and after RoPE.  Text queries, all keys and values are untouched.
+* Why not the q-norm hook with ``R^-1 blur(R q)`` (as Flux): Ernie's RoPE is no rotation.
+  ``ErnieImageEmbedND3`` (lines 28-47) builds, for the split-half channel pair ``(i, i + D/2)``, the map
+  ``[[cos a, -sin a], [sin b, cos b]]`` with two different angles ``a`` (angle ``i // 2``) and ``b`` (angle
+  ``D/4 + i // 2``); ``comfy_kitchen.apply_rope_split_half`` applies it as given.  Its determinant is
+  ``cos(a - b)``: at the released axes (32, 48, 48), theta 256, a 64x64 grid has pairs down to 5e-5, so the
+  inverse multiplies bf16 rounding by 10^4 there.  The hook is therefore after RoPE, exact in any dtype.
+* Hook point: ``ErnieImageAttention.forward`` (lines 114-135) calls ``attention_function(q, k, v, heads,
+  mask=...)`` by its module-global name, looked up at call time, with q ``(B, L, heads * D)`` after RoPE; no
+  module sits between RoPE and that call.  While armed, that name in the attention class's module globals
+  is wrapped (restored on removal, never clobbering a later wrapper); the wrapper blurs q only during the
+  chosen layers' ``self_attention`` calls (a pre-hook marks them) and passes every other call through, so
+  the host's own attention kernel runs on the blurred q.  Where the name is not found, the layer is skipped
+  with a warning.
+* Geometry: the patch is the model's ``patch_size`` (else ``x_embedder``'s); the patch embedding is a
+  stride-``p`` convolution without pad, so the grid is ``(H // p) x (W // p)``; the image is the first
+  ``N`` tokens, the text the call's ``context`` length after it; the model's own position ids
+  (``pos_embed(ids)``, image ``(T, row, col)`` first) must lay the image tokens row-major on the grid (any
+  per-axis scale and shift allowed, as the host's ``rope_options`` give), and ``N + text`` must be the
+  sequence.  Anything else skips the layer with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lib_seg.dit.geometry import patch_grid
+from lib_seg.dit.layers import DitLayer
+from lib_seg.dit.queries import Rows, blur_image_queries
+
+from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+
+# Released layer count: baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36
+# (Neo ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
+RELEASED = {"ernie-image": 36, "ernie-image-turbo": 36}
+SEAM = "attention_function"  # the module-global name Neo's ErnieImageAttention calls
+
+
+def model_patch(model: nn.Module) -> int | None:
+    """The patch side: the model's ``patch_size``, else its ``x_embedder``'s (or that one's kernel)."""
+    embedder = getattr(model, "x_embedder", None)
+    kernel = getattr(getattr(embedder, "proj", None), "kernel_size", None)
+    for size in (getattr(model, "patch_size", None), getattr(embedder, "patch_size", None), kernel):
+        size = size[-1] if isinstance(size, tuple) and len(set(size)) == 1 else size
+        if isinstance(size, int) and size >= 1:
+            return size
+    return None
+
+
+def ids_on_grid(positions: torch.Tensor, grid: tuple[int, int]) -> bool:
+    """Whether (row, column) position ids ``(B, h * w, 2)`` lie row-major on ``grid``: rows constant along a
+    row and increasing down, columns constant down and increasing along (any scale and shift per axis)."""
+    h_len, w_len = grid
+    if positions.dim() != 3 or positions.shape[1] != h_len * w_len or positions.shape[2] != 2:
+        return False
+    rows, cols = positions[..., 0].unflatten(1, grid), positions[..., 1].unflatten(1, grid)
+    flat = bool((rows == rows[:, :, :1]).all() and (cols == cols[:, :1, :]).all())
+    return flat and bool((rows.diff(dim=1) > 0).all() and (cols.diff(dim=2) > 0).all())
+
+
+class _Seam:
+    """``attention_function`` in one module's globals, wrapped: blurs q only while ``blur`` is set."""
+
+    def __init__(self, namespace: dict):
+        self.namespace, self.original = namespace, namespace[SEAM]
+        self.blur: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
+        self.wrapper = self.attention  # one bound method: removal compares by identity
+        namespace[SEAM] = self.wrapper
+
+    def attention(self, q, k, v, heads, *args, **kwargs):
+        blur, self.blur = self.blur, None  # one attention call per marked layer
+        return self.original(q if blur is None else blur(q, kwargs), k, v, heads, *args, **kwargs)
+
+    def remove(self) -> None:
+        self.blur = None
+        if self.namespace.get(SEAM) is self.wrapper:
+            self.namespace[SEAM] = self.original
+
+
+def _namespace(attention: nn.Module) -> dict | None:
+    forward = inspect.unwrap(type(attention).forward)
+    namespace = getattr(forward, "__globals__", None)
+    return namespace if isinstance(namespace, dict) and callable(namespace.get(SEAM)) else None
+
+
+class _Call:
+    """What one model call tells the layers: latent, text length, position ids."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.seams: list[_Seam] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.latent: tuple[int, int] | None = None
+        self.n_txt: int | None = None
+        self.ids: torch.Tensor | None = None
+        self._where: tuple | str | None = None
+        for seam in self.seams:
+            seam.blur = None
+
+    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.reset()
+        call = arguments(model, args, kwargs)
+        x, context = call.get("x", args[0] if args else None), call.get("context")
+        self.latent = tuple(map(int, x.shape[-2:])) if torch.is_tensor(x) and x.dim() == 4 else None
+        self.n_txt = int(context.shape[1]) if torch.is_tensor(context) and context.dim() == 3 else None
+
+    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
+
+    def where(self) -> tuple[tuple[int, int], int] | str:
+        """``(grid, n_txt)``, or the reason the image tokens cannot be placed."""
+        if self._where is None:
+            self._where = self._locate()
+        return self._where
+
+    def _locate(self) -> tuple[tuple[int, int], int] | str:
+        patch = model_patch(self.model)
+        if self.latent is None or patch is None or self.n_txt is None:
+            return "the model call passed no 4D latent and text, or the patch size could not be read"
+        try:
+            grid = patch_grid(*self.latent, patch, pad=False)
+        except ValueError as error:
+            return str(error)
+        n_image = grid[0] * grid[1]
+        if self.ids is None or self.ids.shape[1] != n_image + self.n_txt:
+            return f"the model's position ids do not hold {grid[0]}x{grid[1]} image and {self.n_txt} text tokens"
+        if not ids_on_grid(self.ids[:, :n_image, 1:3], grid):
+            return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
+        return grid, self.n_txt
+
+
+def _marker(layer: DitLayer, call: _Call, seam: _Seam | None, sigma: float, rows: Rows, on_skip: SkipCallback | None):
+    """Pre-hook on a chosen layer's ``self_attention``: arm the seam for its one attention call."""
+
+    def blur(q: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        layout = "bhld" if kwargs.get("skip_reshape") else "bld"
+        length = q.shape[2 if layout == "bhld" else 1]
+        where = call.where()
+        if isinstance(where, str):
+            skipped(on_skip, layer, length, None, where)
+            return q
+        grid, n_txt = where
+        if q.dim() != (4 if layout == "bhld" else 3) or length != grid[0] * grid[1] + n_txt:
+            skipped(on_skip, layer, length, grid)
+            return q
+        return blur_image_queries(q, slice(0, grid[0] * grid[1]), grid, sigma, layout, rows)
+
+    def pre_hook(attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        if seam is None:
+            x = arguments(attention, args, kwargs).get("x")
+            length = x.shape[1] if torch.is_tensor(x) and x.dim() == 3 else 0
+            reason = f"its attention calls no module-global {SEAM} that SEG can reach"
+            skipped(on_skip, layer, length, None, reason)
+        else:
+            seam.blur = blur
+
+    return pre_hook
+
+
+class ErnieImageFamily(DitFamily):
+    """Ernie-Image: ``layers`` of single-stream self-attention over ``[image | text]``; the letter is ``l``."""
+
+    name, title = "ernie", "Ernie-Image"
+    kinds = ("layer",)
+    attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
+    default = None
+    default_source = (
+        "no published Ernie-Image SEG, PAG or skip-layer choice: the middle layer, l18 of the released 36 "
+        "(baidu/ERNIE-Image transformer/config.json)"
+    )
+
+    def matches(self, model: Any) -> bool:
+        if not has_blocks(model, "layers") or not len(model.layers):
+            return False
+        own = all(isinstance(getattr(model, name, None), nn.Module) for name in ("x_embedder", "pos_embed"))
+        modules = dict(model.layers[0].named_modules())
+        return own and all(name in modules for name in ("adaLN_sa_ln", "self_attention.norm_q", "mlp"))
+
+    def arm(
+        self,
+        model: nn.Module,
+        layers: Iterable[DitLayer],
+        sigma: float,
+        rows: Rows,
+        on_skip: SkipCallback | None,
+        handles: list[RemovableHandle],
+    ) -> None:
+        call = _Call(model)
+        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+        handles.append(model.pos_embed.register_forward_pre_hook(call.on_ids, with_kwargs=True))
+        seams: dict[int, _Seam] = {}
+        for layer in layers:
+            attention = submodules(self.block(model, layer), layer, ["self_attention"])[0]
+            namespace = _namespace(attention)
+            if namespace is not None and id(namespace) not in seams:
+                seams[id(namespace)] = seam = _Seam(namespace)
+                call.seams.append(seam)
+                handles.append(seam)  # removed with the hooks: restores the host's function
+            seam = seams.get(id(namespace)) if namespace is not None else None
+            marker = _marker(layer, call, seam, sigma, rows, on_skip)
+            handles.append(attention.register_forward_pre_hook(marker, with_kwargs=True))
+            if seam is not None:  # a forward that never reached the seam must not leave it armed for the next
+                handles.append(
+                    attention.register_forward_hook(lambda *_, s=seam: setattr(s, "blur", None), always_call=True)
+                )
+
+
+ERNIE = ErnieImageFamily()
