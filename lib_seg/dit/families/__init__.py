@@ -18,8 +18,9 @@ from .flux import FLUX1, FLUX2
 from .krea import KREA2
 from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
+from .pixeldit import PIXELDIT
 
-FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
+FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 
