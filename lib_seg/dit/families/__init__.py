@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .anima import ANIMA
 from .base import DitFamily
 from .ernie import ERNIE
 from .flux import FLUX1, FLUX2
@@ -19,8 +20,9 @@ from .krea import KREA2
 from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
 from .pixeldit import PIXELDIT
+from .wan import WAN
 
-FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2)
+FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2, WAN, ANIMA)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 

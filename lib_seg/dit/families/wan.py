@@ -1,0 +1,260 @@
+"""Wan 2.1 / 2.2 (text- and image-to-video, also one-frame images): self-attention ``blocks`` over the
+video's (frames, rows, columns) token grid, then a separate cross-attention to the text.
+
+Read at Neo ``webui/backend/nn/wan.py`` (de2193d; interfaces and math only, no code taken):
+
+* What is blurred: in each chosen block, the self-attention queries of the video tokens, each frame
+  over its own ``h x w`` patch grid with the same sigma, frames independent (infinite sigma: each
+  frame's mean query).  Why per frame: the paper's energy, and so its blur, is spatial (an image's
+  attention map); blurring along time as well would be a different guidance (it mixes frames that
+  move).  A one-frame call, how Neo makes Wan images, is therefore exactly image SEG.  Room for later:
+  a temporal sigma would be a keyword of :func:`blur_frames` whose default is no temporal blur.
+* Hook point: ``blocks[i].self_attn.norm_q``, the q-norm module (``nn.RMSNorm`` over the full width,
+  ``nn.Identity`` without ``qk_norm``), called as a module on ``(B, L, dim)`` (``wan.py:62-64``).
+  RoPE follows inside a local function of ``WanSelfAttention.forward``, no extension can reach it:
+  ``apply_rope1`` on ``(B, L, heads, D)`` with interleaved pairs ``(2k, 2k+1)`` and ``freqs`` of
+  2x2 rotations ``(B, L, 1, D/2, 2, 2)`` (Flux's ``EmbedND`` on ids ``(t, h, w)``, ``movedim(1, 2)``,
+  ``wan.py:326, 412-418``).  The hook writes ``R^-1 blur(R q)`` (:func:`blur_frames_before_rope`), so
+  the host's own rotation yields the blurred post-RoPE queries; keys, values and the cross-attention
+  (``cross_attn``: the text; the i2v model also attends to CLIP image tokens, ``wan.py:105-137``)
+  are not touched.
+* Geometry, from the model and the call: the patch embedding's output ``(B, dim, T', H', W')`` is the
+  token grid (``flatten(2)``: frame-major, row-major; ``wan.py:345-347``); the call's latent
+  ``(B, C, T, H, W)`` with the model's ``patch_size[0]`` says how many of those frames are the
+  video (``ceil(T / p_t)``: Neo pads every side to the patch, ``wan.py:400``); frames after them
+  (``time_dim_concat``, ``wan.py:407-410``) are another latent's and stay as they are.  The ids the
+  model gives ``rope_embedder`` must say the same (each frame one time position, rows and columns on
+  the grid), and the query count must be the grid's; otherwise the block is skipped with a warning.
+* Neo's Refiner swaps the high- and low-noise experts of Wan 2.2 A14B: two model objects, each armed
+  per call; nothing is cached per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lib_seg.core.blur import blur_queries
+from lib_seg.dit.geometry import patched_side, positions_fit_grid
+from lib_seg.dit.layers import DitLayer
+from lib_seg.dit.queries import Rows, apply_rope
+
+from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+
+# Transformer blocks of the released models (``num_layers``; Wan-Video's ``wan/configs``: Wan2.1
+# ``wan_t2v_1_3B.py``, ``wan_t2v_14B.py``, ``wan_i2v_14B.py``; Wan2.2 ``wan_t2v_A14B.py``, ``wan_i2v_A14B.py``,
+# ``wan_ti2v_5B.py``); Neo reads the count from the checkpoint (``huggingface_guess/detection.py:80-104``).
+RELEASED = {
+    "wan2.1-t2v-1.3b": 30,  # dim 1536, 12 heads
+    "wan2.1-t2v-14b": 40,  # dim 5120, 40 heads (i2v and flf2v 14B alike)
+    "wan2.1-i2v-14b": 40,
+    "wan2.2-t2v-a14b": 40,  # each of the high- and low-noise experts
+    "wan2.2-i2v-a14b": 40,
+    "wan2.2-ti2v-5b": 30,  # dim 3072, 24 heads
+}
+Pairing = Literal["interleaved", "split_half"]
+Where = tuple[int, tuple[int, int], int]  # (video frames, (h, w), frames in the sequence)
+
+
+def blur_frames(tokens: torch.Tensor, frames: int, grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    """Blur ``(B, frames*h*w, C)`` tokens (frame-major, each frame row-major) frame by frame over its own
+    ``h x w`` grid: ``(B*frames, h*w, C)`` through :func:`lib_seg.core.blur.blur_queries` and back.
+    No temporal blur (see the module docstring)."""
+    batch, length, channels = tokens.shape
+    h_len, w_len = grid
+    if length != frames * h_len * w_len:
+        raise ValueError(f"{length} tokens are not {frames} frames of a {h_len}x{w_len} grid")
+    per_frame = tokens.reshape(batch * frames, h_len * w_len, channels)
+    return blur_queries(per_frame, h_len, w_len, sigma).reshape(batch, length, channels)
+
+
+def _interleave(x: torch.Tensor, pairing: Pairing) -> torch.Tensor:
+    """Channels reordered so that RoPE's pairs are adjacent: split-half pairs ``(k, k + D/2)``."""
+    return x if pairing == "interleaved" else x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _deinterleave(x: torch.Tensor, pairing: Pairing) -> torch.Tensor:
+    return x if pairing == "interleaved" else x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor, pairing: Pairing = "interleaved") -> torch.Tensor:
+    """RoPE by 2x2 matrices: channel pair ``k`` of each token times ``freqs[..., k, :, :]``; the pairs are
+    ``(2k, 2k+1)`` (Wan's ``apply_rope1``, Flux) or ``(k, k + D/2)`` (``"split_half"``: Anima/Cosmos).
+    ``x`` (..., D) and ``freqs`` (..., D/2, 2, 2) broadcast; rotates in float32 or wider."""
+    return _deinterleave(apply_rope(_interleave(x, pairing), freqs), pairing)
+
+
+def _batch(rows: Rows) -> slice | torch.Tensor:
+    if rows is None:
+        return slice(None)
+    return rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+
+
+def blur_frames_before_rope(
+    q: torch.Tensor,
+    freqs: torch.Tensor,
+    frames: int,
+    grid: tuple[int, int],
+    sigma: float,
+    rows: Rows = None,
+    pairing: Pairing = "interleaved",
+) -> torch.Tensor:
+    """Pre-RoPE queries ``q'`` with ``R q' = blur_frames(R q)`` on the first ``frames * h * w`` tokens.
+
+    ``q``: (B, L, heads, D), as the host's q-norm returns it, before RoPE; ``freqs``: the rotations the
+    host applies next, (B or 1, L, 1, D/2, 2, 2).  Only the video tokens of the chosen batch ``rows``
+    are rotated (in float32 or wider), blurred frame by frame, rotated back and rounded once to
+    ``q.dtype``; other tokens and rows are returned bit for bit.  Exact up to that rounding, because
+    ``R^-1 = R^T`` for rotations.
+    """
+    n_video = frames * grid[0] * grid[1]
+    fits = q.dim() == 4 and freqs.dim() == 6 and freqs.shape[-2:] == (2, 2) and freqs.shape[0] in (1, q.shape[0])
+    if not fits or freqs.shape[1] != q.shape[1] or 2 * freqs.shape[-3] != q.shape[-1] or n_video > q.shape[1]:
+        raise ValueError(
+            f"rotations {tuple(freqs.shape)} and {n_video} video tokens do not fit queries {tuple(q.shape)}"
+        )
+    index = (_batch(rows), slice(0, n_video))
+    work = torch.promote_types(torch.promote_types(q.dtype, freqs.dtype), torch.float32)
+    turn = (freqs[index] if freqs.shape[0] == q.shape[0] else freqs[:, :n_video]).to(work)
+    rotated = rotate(q[index].to(work), turn, pairing)
+    blurred = blur_frames(rotated.flatten(2), frames, grid, sigma).view_as(rotated)
+    out = q.clone()
+    out[index] = rotate(blurred, turn.transpose(-1, -2), pairing).to(q.dtype)
+    return out
+
+
+def ids_fit_frames(ids: torch.Tensor, frames: int, grid: tuple[int, int]) -> bool:
+    """Whether position ids ``(B, frames*h*w, 3)`` = (time, row, column) lay the tokens frame by frame,
+    each frame at one time position and row-major on ``grid`` (any offsets)."""
+    n_frame = grid[0] * grid[1]
+    if ids.dim() != 3 or ids.shape[1] != frames * n_frame or ids.shape[2] < 3:
+        return False
+    per_frame = ids.reshape(ids.shape[0] * frames, n_frame, ids.shape[2])
+    time = per_frame[..., 0]
+    return positions_fit_grid(per_frame[..., 1:3], grid) and bool(((time - time[:, :1]).abs() < 0.5).all())
+
+
+class _Call:
+    """What one model call tells the hooks: the latent's frames, the token grid, position ids, rotations."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.latent_frames: int | None = None
+        self.tokens: tuple[int, int, int] | None = None  # (T', H', W') of the patch embedding
+        self.ids: torch.Tensor | None = None
+        self.freqs: dict[DitLayer, Any] = {}
+        self._where: Where | str | None = None
+
+    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.reset()
+        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
+        self.latent_frames = int(x.shape[2]) if torch.is_tensor(x) and x.dim() == 5 else None
+
+    def on_patches(self, _embedding: nn.Module, _args: tuple, output: Any) -> None:
+        self.tokens = tuple(output.shape[2:]) if torch.is_tensor(output) and output.dim() == 5 else None
+
+    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 else None
+
+    def freqs_recorder(self, layer: DitLayer):
+        def pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.freqs[layer] = arguments(block, args, kwargs).get("freqs")
+
+        return pre_hook
+
+    def where(self) -> Where | str:
+        if self._where is None:
+            self._where = self._locate()
+        return self._where
+
+    def _locate(self) -> Where | str:
+        if self.latent_frames is None:
+            return "the model call passed no 5-D (B, C, T, H, W) latent"
+        if self.tokens is None:
+            return "the patch embedding's token grid was not seen"
+        patch = getattr(self.model, "patch_size", None)
+        if not isinstance(patch, tuple | list) or len(patch) != 3 or not isinstance(patch[0], int):
+            return "the model's (t, h, w) patch size could not be read"
+        frames = patched_side(self.latent_frames, patch[0], pad=True)
+        total, h_len, w_len = self.tokens
+        if frames > total:
+            return f"{frames} latent frames do not fit the {total} frames of its tokens"
+        if self.ids is not None and not ids_fit_frames(self.ids, total, (h_len, w_len)):
+            return f"the model's position ids do not lay its tokens frame by frame on the {h_len}x{w_len} grid"
+        return frames, (h_len, w_len), total
+
+
+def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
+    """Forward hook on ``self_attn.norm_q``: ``(B, L, dim) -> R^-1 blur_frames(R q)`` on the video tokens."""
+
+    def hook(_norm: nn.Module, _args: tuple, q: torch.Tensor) -> Any:
+        where = call.where()
+        if isinstance(where, str):
+            return skipped(on_skip, layer, q.shape[1], None, where)
+        frames, grid, total = where
+        if q.dim() != 3 or q.shape[1] != total * grid[0] * grid[1]:
+            return skipped(on_skip, layer, q.shape[1], grid)
+        freqs = call.freqs.get(layer)
+        fits = torch.is_tensor(freqs) and freqs.dim() == 6 and freqs.shape[1] == q.shape[1]
+        if not fits or q.shape[-1] % (2 * freqs.shape[-3]):
+            return skipped(on_skip, layer, q.shape[1], grid, "no RoPE rotations reached the block")
+        heads = q.unflatten(-1, (-1, 2 * freqs.shape[-3]))  # (B, L, heads, D), as the host views it
+        return blur_frames_before_rope(heads, freqs, frames, grid, sigma, rows).flatten(2)
+
+    return hook
+
+
+def _has_modules(block: nn.Module, *names: str) -> bool:
+    modules = dict(block.named_modules())
+    return all(isinstance(modules.get(name), nn.Module) for name in names)
+
+
+class WanFamily(DitFamily):
+    """Wan 2.1 / 2.2: ``blocks`` of self-attention (``self_attn.norm_q``), cross-attention and FFN;
+    a 3D ``patch_embedding`` and a ``rope_embedder`` on the model."""
+
+    name, title = "wan", "Wan 2.1 / 2.2"
+    kinds = ("block",)
+    attributes: ClassVar[dict[str, str]] = {"block": "blocks"}
+    default = None
+    default_source = (
+        "no published Wan SEG or PAG block choice was found, and Neo's tree names no skip-layer block (KJNodes' "
+        "SkipLayerGuidanceWanVideo could not be read here): the middle block, b20 on the 40-block 14B / A14B "
+        "experts, b15 on 1.3B and 5B"
+    )
+
+    def matches(self, model: Any) -> bool:
+        if not has_blocks(model, "blocks") or not len(model.blocks):
+            return False
+        own = all(isinstance(getattr(model, name, None), nn.Module) for name in ("patch_embedding", "rope_embedder"))
+        return own and _has_modules(model.blocks[0], "self_attn.norm_q", "cross_attn")
+
+    def arm(
+        self,
+        model: nn.Module,
+        layers: Iterable[DitLayer],
+        sigma: float,
+        rows: Rows,
+        on_skip: SkipCallback | None,
+        handles: list[RemovableHandle],
+    ) -> None:
+        call = _Call(model)
+        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+        handles.append(model.patch_embedding.register_forward_hook(call.on_patches))
+        handles.append(model.rope_embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
+        for layer in layers:
+            block = self.block(model, layer)
+            handles.append(block.register_forward_pre_hook(call.freqs_recorder(layer), with_kwargs=True))
+            hook = _hook(layer, call, sigma, rows, on_skip)
+            handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, ["self_attn.norm_q"]))
+
+
+WAN = WanFamily()
