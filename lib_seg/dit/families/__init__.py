@@ -20,9 +20,10 @@ from .krea import KREA2
 from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
 from .pixeldit import PIXELDIT
+from .qwen import QWEN_IMAGE
 from .wan import WAN
 
-FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2, WAN, ANIMA)
+FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2, QWEN_IMAGE, WAN, ANIMA)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 
