@@ -56,6 +56,11 @@ MODEL_BLOCKS: dict[str, tuple[int, ...]] = {  # (double, single, joint, layer, b
     "sd3.5-large": (0, 0, 38),
     "flux2-klein-4b": (5, 20, 0),  # Neo huggingface_guess: depth from the checkpoint; BFL's Klein configs
     "flux2-klein-9b": (8, 24, 0),
+    "z-image-turbo": (0, 0, 0, 30),  # Tongyi-MAI/Z-Image-Turbo transformer config: n_layers 30
+    "neta-lumina": (0, 0, 0, 26),  # neta-art/Neta-Lumina: num_layers 26
+    "krea-2": (0, 28),
+    "ernie-image": (0, 0, 0, 36),
+    "pid": (0, 0, 14, 0, 2),  # PixelDiT / PiD: 14 patch (joint) blocks, 2 pixel blocks
 }
 FLUX1_DEFAULT, SD3_DEFAULT = "d7-9,s7-9", "j7-9"  # published choices (module docstring)
 PUBLISHED_DEFAULTS: dict[str, str | None] = {
@@ -66,6 +71,11 @@ PUBLISHED_DEFAULTS: dict[str, str | None] = {
     "sd3.5-large": SD3_DEFAULT,
     "flux2-klein-4b": None,  # none published: the middle block of each stream
     "flux2-klein-9b": None,
+    "z-image-turbo": None,  # none of these has a published SEG/PAG/SLG choice: the middle block
+    "neta-lumina": None,
+    "krea-2": None,
+    "ernie-image": None,
+    "pid": "j7",  # the middle patch block (the pixel blocks are the per-pixel head before the output)
 }
 
 
@@ -86,8 +96,8 @@ def model_layers(
 
 
 def family_layers(family: str) -> tuple[DitLayer, ...]:
-    """Blocks of a released model (``flux``, ``chroma``, ``sd3``, ``sd3.5-medium``, ``sd3.5-large``,
-    ``flux2-klein-4b``, ``flux2-klein-9b``)."""
+    """Blocks of a released model (a key of :data:`MODEL_BLOCKS`: ``flux``, ``sd3.5-medium``, ``flux2-klein-4b``,
+    ``z-image-turbo``, ...)."""
     if family not in MODEL_BLOCKS:
         raise ValueError(f"unknown DiT family {family!r}; known: {', '.join(MODEL_BLOCKS)}")
     return model_layers(*MODEL_BLOCKS[family])

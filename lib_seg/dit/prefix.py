@@ -41,7 +41,10 @@ def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
 
 
 def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Module]:
-    """Blocks that run before the first of ``layers``."""
+    """Blocks that run before the first of ``layers`` (none where the family opts out of the reuse)."""
+    family = family_of(model)
+    if family is None or not family.prefix_reuse:
+        return []
     first = min(sort_key(layer) for layer in layers)
     return [block for layer, block in blocks_in_order(model) if sort_key(layer) < first]
 

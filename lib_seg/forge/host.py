@@ -142,3 +142,19 @@ def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.
     if free_memory is None or required is None:
         return False
     return required(list(shape)) * 1.5 < free_memory(device)
+
+
+def extra_rows_allowed(kind: str) -> bool:
+    """Whether SEG may append its rows to the host's main model call.
+
+    Not on Neo while its global extra latents are set (``backend.args.dynamic_args.concat_latent``: Wan's
+    image-to-video latent; ``ref_latents``: reference images): some of Neo's models size them for the
+    host's own batch only (de2193d ``backend/nn/wan.py:392-397`` and ``anima.py:462-466`` repeat a one-row
+    latent only ``if x.shape[0] == 2``), so a call with extra rows fails in the host.  SEG then makes its
+    separate call (same result, one more model call per step).
+    """
+    _require(kind)
+    if kind != NEO:
+        return True
+    dynamic = getattr(_module("backend.args"), "dynamic_args", None)
+    return getattr(dynamic, "concat_latent", None) is None and not getattr(dynamic, "ref_latents", None)

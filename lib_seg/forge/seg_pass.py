@@ -122,7 +122,9 @@ class SegPass:
         flags, x = args["cond_or_uncond"], args["input"]
         extra = len(forge_rows.cond_chunks(flags)) * (x.shape[0] // max(len(flags), 1))
         model = getattr(apply_model, "__self__", None)
-        if not extra or not forge_host.fits_in_memory(self.kind, model, (x.shape[0] + extra, *x.shape[1:]), x.device):
+        if not extra or not forge_host.extra_rows_allowed(self.kind):
+            return None
+        if not forge_host.fits_in_memory(self.kind, model, (x.shape[0] + extra, *x.shape[1:]), x.device):
             return None
         return forge_rows.batched_call(args, self.patches)
 

@@ -110,6 +110,9 @@ def test_canonical_spec():
         canonical_spec("joint", FLUX)
 
 
+MIDDLE_OF_RELEASED = {"z-image-turbo": "l15", "neta-lumina": "l13", "krea-2": "s14", "ernie-image": "l18", "pid": "j7"}
+
+
 @pytest.mark.parametrize("family", list(MODEL_BLOCKS))
 def test_defaults_resolve_on_their_family(family):
     layers = resolve_layers(default_layer_spec(family), family_layers(family))
@@ -119,6 +122,8 @@ def test_defaults_resolve_on_their_family(family):
         assert layers == (*d(2), *s(10))
     elif family == "flux2-klein-9b":  # 8 + 24 blocks
         assert layers == (*d(4), *s(12))
+    elif family in MIDDLE_OF_RELEASED:  # nothing published: the middle block (PiD: the middle patch block)
+        assert format_layers(layers) == MIDDLE_OF_RELEASED[family]
     else:
         assert layers == j(7, 8, 9)  # Stability's SD3.5-M skip-layer guidance layers
     with pytest.raises(ValueError, match="unknown DiT family"):

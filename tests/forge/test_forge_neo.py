@@ -13,6 +13,7 @@ adapter against that F-space reference, computed from plain UNet calls and the d
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -126,3 +127,30 @@ def test_neo_falls_back_to_the_separate_call_when_the_rows_do_not_fit(monkeypatc
     (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
     assert model.rows == [4, 2]  # 6 rows did not fit: the main call, then the separate SEG call
     assert_network_close(out, _f_space_reference(sdxl, "v_prediction", inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+
+
+@pytest.mark.parametrize("extra", ["concat_latent", "ref_latents"])
+def test_neo_global_extra_latents_keep_the_seg_rows_out_of_the_main_call(monkeypatch, sdxl, extra):
+    """Neo's Wan and Anima size ``dynamic_args.concat_latent`` / ``ref_latents`` for the host's own 2-row
+    batch only (de2193d ``backend/nn/wan.py:392-397``, ``anima.py:462-466``): while one is set, SEG makes
+    its separate call, with the same result."""
+    import types
+
+    host.install(monkeypatch, "neo")
+    inputs = _inputs(TINY_SDXL)
+    x, cond, uncond = inputs
+    dynamic = types.SimpleNamespace(concat_latent=None, ref_latents=[])
+    monkeypatch.setitem(sys.modules, "backend.args", types.SimpleNamespace(dynamic_args=dynamic))
+    setattr(dynamic, extra, torch.zeros(1, 4, 11, 9, dtype=F64) if extra == "concat_latent" else [torch.zeros(1)])
+    model = _model(sdxl, "epsilon")
+    p = host.make_processing("neo", sdxl, model=model)
+    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
+    (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
+    assert model.rows == [4, 2]
+    assert_network_close(out, _f_space_reference(sdxl, "epsilon", inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+    setattr(dynamic, extra, None if extra == "concat_latent" else [])
+    model.rows.clear()
+    p.reset_forge_objects()  # the next sampling pass, as the host starts it
+    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
+    p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
+    assert model.rows == [6]  # cleared: the rows ride in the main call again

@@ -32,6 +32,7 @@ class DitFamily:
     attributes: ClassVar[dict[str, str]] = {}  # kind -> the model's ModuleList attribute (default ``<kind>_blocks``)
     default: str | None = None  # the published default spec, used when the model has those blocks
     default_source = ""  # where :attr:`default` comes from
+    prefix_reuse = True  # may the SEG rows skip the blocks before the first blurred one (lib_seg.dit.prefix)
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError

@@ -139,15 +139,10 @@ class PixelDiTFamily(DitFamily):
         blocks = [(model.patch_blocks[0], NORMS["joint"]), *((b, NORMS["block"]) for b in model.pixel_blocks[:1])]
         return own and all(name in dict(block.named_modules()) for block, name in blocks)
 
-    def layers(self, model: nn.Module) -> tuple[DitLayer, ...]:
-        return tuple(DitLayer(kind, i) for kind in self.kinds for i in range(len(self.block_list(model, kind))))
-
-    def blocks(self, model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
-        """None for the prefix reuse (:mod:`lib_seg.dit.prefix`): the host mixes the rows between blocks with
-        tensors no block gets (PiD's LQ gate before every other patch block, ``t_emb`` between the streams), and
-        the pixel blocks see ``B * Hs * Ws`` rows, so slimmed SEG rows would not fit there.  :meth:`layers` lists
-        every block."""
-        return []
+    # No prefix reuse (:mod:`lib_seg.dit.prefix`): the host mixes the rows between blocks with tensors no block
+    # gets (PiD's LQ gate before every other patch block, ``t_emb`` between the streams), and the pixel blocks see
+    # ``B * Hs * Ws`` rows, so slimmed SEG rows would not fit there.
+    prefix_reuse = False
 
     def default_spec(self, model: nn.Module) -> str:
         patch = len(self.block_list(model, "joint"))
