@@ -61,6 +61,10 @@ MODEL_BLOCKS: dict[str, tuple[int, ...]] = {  # (double, single, joint, layer, b
     "krea-2": (0, 28),
     "ernie-image": (0, 0, 0, 36),
     "pid": (0, 0, 14, 0, 2),  # PixelDiT / PiD: 14 patch (joint) blocks, 2 pixel blocks
+    "qwen-image": (0, 0, 60),  # Neo backend/huggingface/Qwen/Qwen-Image/transformer/config.json
+    "wan2.2-a14b": (0, 0, 0, 0, 40),  # each expert; Wan 2.1 14B too (Wan-Video wan/configs)
+    "wan2.2-ti2v-5b": (0, 0, 0, 0, 30),  # Wan 2.1 1.3B too
+    "anima": (0, 0, 0, 0, 28),  # Neo huggingface_guess/detection.py
 }
 FLUX1_DEFAULT, SD3_DEFAULT = "d7-9,s7-9", "j7-9"  # published choices (module docstring)
 PUBLISHED_DEFAULTS: dict[str, str | None] = {
@@ -76,6 +80,10 @@ PUBLISHED_DEFAULTS: dict[str, str | None] = {
     "krea-2": None,
     "ernie-image": None,
     "pid": "j7",  # the middle patch block (the pixel blocks are the per-pixel head before the output)
+    "qwen-image": None,
+    "wan2.2-a14b": None,
+    "wan2.2-ti2v-5b": None,
+    "anima": None,
 }
 
 

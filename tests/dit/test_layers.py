@@ -110,7 +110,10 @@ def test_canonical_spec():
         canonical_spec("joint", FLUX)
 
 
-MIDDLE_OF_RELEASED = {"z-image-turbo": "l15", "neta-lumina": "l13", "krea-2": "s14", "ernie-image": "l18", "pid": "j7"}
+MIDDLE_OF_RELEASED = {
+    **{"z-image-turbo": "l15", "neta-lumina": "l13", "krea-2": "s14", "ernie-image": "l18", "pid": "j7"},
+    **{"qwen-image": "j30", "wan2.2-a14b": "b20", "wan2.2-ti2v-5b": "b15", "anima": "b14"},
+}
 
 
 @pytest.mark.parametrize("family", list(MODEL_BLOCKS))
