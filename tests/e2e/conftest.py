@@ -130,6 +130,15 @@ def is_forge(api) -> bool:
 
 
 @pytest.fixture(scope="session")
+def forge_family(api, alwayson_titles) -> bool:
+    """Any Forge (classic 1.x, Forge Classic, 2.x, Neo, reForge): SEG runs its Forge adapter there.  Told by
+    the Forge built-ins (Forge Classic and reForge: "Never OOM Integrated"; 2.x: "Kohya HRFix Integrated")
+    or by Forge's own options (2.x and Neo: ``forge_*`` keys)."""
+    builtins = {"never oom integrated", "kohya hrfix integrated"}
+    return bool(builtins & alwayson_titles) or any(key.startswith("forge_") for key in api.get("/sdapi/v1/options"))
+
+
+@pytest.fixture(scope="session")
 def hires_upscaler(api) -> str:
     """An upscaler this host has without model files: a latent mode if it lists any (A1111, Forge,
     reForge: "Latent"), else "None" (this Neo build lists no latent modes, only None and ESRGAN)."""
