@@ -1,4 +1,4 @@
-"""Smoke check of lib_seg.dit.hooks against the REAL DiT classes of Forge 2.x or reForge (not a test: it
+"""Smoke check of lib_seg.dit.hooks against the REAL DiT classes of Forge 2.x, reForge or Forge Neo (not a test: it
 needs a host tree and its venv; ``--host imitation`` is its self-check without one, run by CI).
 
 For each family the host's own transformer class is built tiny on the CPU (2 double + 2 single blocks, or
@@ -11,9 +11,18 @@ in the chosen blocks only, blurs the image rows of the pre-softmax logits with a
 here from the SEG definition.  Also checked: the hooks leave nothing behind (no hooks on any module, the
 plain output bit-identical) and the blur changes the output.
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR, defaults below):
+Forge Neo (``--host neo``, ``tools/_neo_cases.py``) runs float32 (its RoPE kernels have no float64) and covers
+every family SEG supports there: Flux.1 (Kontext), Chroma, Flux.2-Klein, Z-Image, Lumina 2, Qwen-Image (Edit),
+Wan (one frame, video, ``time_dim_concat``, 2.1 i2v), Anima (also video and a reference frame), Krea 2 (also
+references), Ernie-Image, PixelDiT and PiD.  A case says where its image tokens sit in each attention call of a
+block (``Case.calls``: a joint sequence, the image alone, or a cross-attention that passes), how many frames
+the latent has (each frame's rows are blurred over its own grid), which blocks there are (``Case.blocks``) and
+which module attributes its attention goes through (``Case.attention``).
+
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR, defaults below):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_backend_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_backend_smoke.py --host reforge
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/neo/venv/bin/python tools/dit_backend_smoke.py --host neo
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` builds the repo's own
 from-scratch Flux and MMDiT (tests/support/dit_models.py, float64 throughout, RoPE included) instead of a host's
@@ -30,9 +39,9 @@ import importlib
 import math
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 HOSTS = {
     "forge2": ("FORGE_DIR", "/work/hosts/forge2"),
@@ -55,17 +64,32 @@ FLOAT32_REL = 1e-6
 EFFECT_FACTOR = 10.0  # the blur must move the output by more than this many bounds
 
 
+FLUX_BLOCKS = (("double", "double_blocks"), ("single", "single_blocks"), ("joint", "joint_blocks"))
+# What each attention call of a chosen block is, in call order: "joint" (a sequence of ``n_ctx`` tokens, the
+# image's ``frames * h * w``, then ``n_extra``: its image rows are blurred), "image" (the image tokens alone,
+# blurred: SD3.5's attn2), "pass" (a cross-attention to the text or a reference image: left alone).
+JOINT_THEN_IMAGE = ("joint", "image")
+
+
 @dataclass
 class Case:
     name: str
     model: object
     inputs: dict
-    attention: tuple[str, str]  # (module, attribute) the blocks call for attention
+    attention: tuple[tuple[str, str], ...]  # the (module, attribute)s the blocks call for attention
     specs: tuple[str, ...]
     n_ctx: int = N_TXT  # tokens before the image in the joint sequence (text, MMDiT registers)
     patch: int = 2  # the model's patch side (Flux.2: 1)
     n_extra: int = 0  # tokens after the image (Kontext references)
     rel: float = FLOAT64_REL
+    blocks: tuple[tuple[str, str], ...] = FLUX_BLOCKS  # (kind, the model's ModuleList attribute), run order
+    marker: str = ""  # the submodule of a block whose call brackets its attention calls ("": the block)
+    calls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # kind -> roles; JOINT_THEN_IMAGE if absent
+    frames: int = 1  # image frames (video latents): each blurred over its own h x w grid
+    context: Callable[[], AbstractContextManager] = nullcontext  # what the host's globals hold during a call
+
+    def roles(self, kind: str) -> tuple[str, ...]:
+        return self.calls.get(kind, JOINT_THEN_IMAGE)
 
 
 def setup(host: str) -> str:
@@ -146,12 +170,12 @@ def forge2_cases() -> list[Case]:
     chroma_sizes = dict(in_channels=16, vec_in_dim=32, guidance_out_dim=64, guidance_hidden_dim=96, guidance_n_layers=2)
     chroma = build(IntegratedChromaTransformer2DModel, **chroma_sizes, **FLUX_SIZES)
     mmditx = build(MMDiTX, x_block_self_attn_layers=[0], **MMDIT_SIZES)
-    flux_attention = ("backend.nn.flux", "attention_function")  # Chroma calls backend.nn.flux.attention
+    flux_attention = (("backend.nn.flux", "attention_function"),)  # Chroma calls backend.nn.flux.attention
     sd3_inputs = draw_inputs((10, 14), ("guidance",))  # even: MMDiTX drops odd sides and then fails to add
     return [
         Case("Flux", flux, draw_inputs((9, 13)), flux_attention, FLUX_SPECS, rel=ROPE_REL),
         Case("Chroma", chroma, draw_inputs((9, 13), ("y", "guidance")), flux_attention, FLUX_SPECS, rel=ROPE_REL),
-        Case("MMDiTX+attn2", mmditx, sd3_inputs, ("backend.nn.mmditx", "attention"), MMDIT_SPECS, n_ctx=SD3_CTX),
+        Case("MMDiTX+attn2", mmditx, sd3_inputs, (("backend.nn.mmditx", "attention"),), MMDIT_SPECS, n_ctx=SD3_CTX),
     ]
 
 
@@ -171,8 +195,8 @@ def reforge_cases() -> list[Case]:
     chroma = build(Chroma, image_model="chroma", **chroma_sizes, **FLUX_SIZES)
     mmdit = build(OpenAISignatureMMDITWrapper, out_channels=16, **MMDIT_SIZES)
     sd35 = build(OpenAISignatureMMDITWrapper, out_channels=16, x_block_self_attn_layers=[0], **MMDIT_SIZES)
-    flux_attention = ("ldm_patched.ldm.flux.math", "optimized_attention")  # flux/chroma layers call math.attention
-    mmdit_attention = ("ldm_patched.ldm.modules.diffusionmodules.mmdit", "optimized_attention")
+    flux_attention = (("ldm_patched.ldm.flux.math", "optimized_attention"),)  # flux/chroma layers call math.attention
+    mmdit_attention = (("ldm_patched.ldm.modules.diffusionmodules.mmdit", "optimized_attention"),)
     sd3_inputs, kontext = draw_inputs((9, 13), ("guidance",)), draw_inputs((9, 13), ref=(6, 8))
     return [
         Case("Flux", flux, draw_inputs((9, 13)), flux_attention, FLUX_SPECS, rel=ROPE_REL),
@@ -194,7 +218,7 @@ def imitation_cases() -> list[Case]:
     mmdit_sizes = dict(channels=16, hidden=64, heads=2, depth=2, pad=True, context_dim=48, y_dim=32, pos_size=16)
     mmdit = randomize(TinyMMDiT(**mmdit_sizes).double())
     sd35 = randomize(TinyMMDiT(attn2_blocks=(0,), **mmdit_sizes).double())
-    attention = ("tests.support.dit_blocks", "attention_function")  # every imitation block attends through it
+    attention = (("tests.support.dit_blocks", "attention_function"),)  # every imitation block attends through it
     sd3_inputs, kontext = draw_inputs((9, 13), ("guidance",)), draw_inputs((9, 13), ref=(6, 8))
     kontext["ref_latents"] = kontext["ref_latents"][0]  # TinyFlux takes the one reference latent as a tensor
     return [
@@ -206,50 +230,15 @@ def imitation_cases() -> list[Case]:
 
 
 def neo_cases() -> list[Case]:
-    """Neo 2.26's own ``backend/nn/flux.py`` / ``chroma.py`` classes (de2193d), float32: Flux.1 (with Kontext
-    references), Chroma, and Flux.2-Klein with the ``flux2`` config Neo's ``huggingface_guess/detection.py``
-    derives (patch 1, 4 RoPE axes, theta 2000, shared modulation, SiLU MLP, no biases, text ids on axis 3),
-    with and without reference images (Klein's edit mode, ``index`` method)."""
-    import torch
-    from backend.nn.chroma import IntegratedChromaTransformer2DModel
-    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    """Forge Neo 2.26's own classes (de2193d), float32: Flux.1 (Kontext), Chroma, Flux.2-Klein, Z-Image,
+    Lumina 2, Qwen-Image (Edit), Wan (image, video, i2v), Anima, Krea 2, Ernie-Image, PixelDiT and PiD, in
+    ``tools/_neo_cases.py`` (a module, not a script)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # run as a script, the tools directory is already first
+        sys.path.insert(0, here)
+    from _neo_cases import neo_cases as cases
 
-    def build(cls, **sizes):
-        return randomize(cls(**sizes)).float()
-
-    def f32(inputs: dict) -> dict:
-        cast = lambda v: v.float() if torch.is_tensor(v) else [t.float() for t in v]  # noqa: E731
-        return {key: cast(value) for key, value in inputs.items()}
-
-    sizes = dict(context_in_dim=48, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2)
-    flux = build(
-        IntegratedFluxTransformer2DModel, in_channels=16, out_channels=16, vec_in_dim=32, mlp_ratio=4.0,
-        axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, **sizes,
-    )  # fmt: skip
-    klein = build(
-        IntegratedFluxTransformer2DModel, in_channels=16, out_channels=16, vec_in_dim=None, mlp_ratio=3.0,
-        axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
-        txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
-        default_ref_method="index", ref_index_scale=10.0, **sizes,
-    )  # fmt: skip
-    chroma = build(
-        IntegratedChromaTransformer2DModel, in_channels=64, out_channels=64, mlp_ratio=4.0, axes_dim=[8, 12, 12],
-        theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=96, n_layers=2,
-        txt_ids_dims=[], vec_in_dim=None, **sizes,
-    )  # fmt: skip
-    attention = ("backend.nn.flux", "attention_function")  # flux.attention(); Chroma's blocks are flux's
-    kontext = f32(draw_inputs((9, 13), ref=(6, 8)))
-    klein_inputs = f32(draw_inputs((9, 13), ("y", "guidance")))
-    klein_edit = f32(draw_inputs((9, 13), ("y", "guidance"), ref=(5, 7)))
-    return [
-        Case("Flux", flux, f32(draw_inputs((9, 13))), attention, FLUX_SPECS, rel=FLOAT32_REL),
-        Case("Flux+Kontext", flux, kontext, attention, FLUX_SPECS, n_extra=3 * 4, rel=FLOAT32_REL),
-        Case("Chroma", chroma, f32(draw_inputs((9, 13), ("y", "guidance"))), attention, FLUX_SPECS, rel=FLOAT32_REL),
-        Case("Flux.2-Klein", klein, klein_inputs, attention, FLUX_SPECS, patch=1, rel=FLOAT32_REL),
-        Case("Flux.2-Klein+ref", klein, klein_edit, attention, FLUX_SPECS, n_extra=5 * 7, patch=1, rel=FLOAT32_REL),
-        Case("Flux.2-Klein 8x8", klein, f32(draw_inputs((8, 8), ("y", "guidance"))), attention, FLUX_SPECS, patch=1,
-             rel=FLOAT32_REL),
-    ]  # fmt: skip
+    return cases()
 
 
 CASES = {"forge2": forge2_cases, "reforge": reforge_cases, "neo": neo_cases, IMITATION: imitation_cases}
@@ -293,45 +282,63 @@ class Reference:
 
         return pre_hook
 
+    def leave_block(self, *_):
+        self.layer = None  # attention calls outside the blocks (refiners, text fusion) are the host's own
+
     def attention(self, original):
-        def attention(q, k, v, heads, **kwargs):
+        def attention(*args, **kwargs):
             self.calls_in_block += 1
-            if self.layer not in self.chosen:
-                return original(q, k, v, heads, **kwargs)
-            assert kwargs.get("mask") is None and not kwargs.get("skip_output_reshape"), kwargs
+            role = self.role()
+            if role == "pass":
+                return original(*args, **kwargs)
+            q, k, v = args[:3]
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            mask = args[4] if len(args) > 4 else kwargs.get("mask")
+            assert mask is None and len(args) <= 5, (len(args), kwargs)
             if not kwargs.get("skip_reshape"):  # (B, L, heads*D), MMDiT's v (B, L, heads, D) -> (B, heads, L, D)
                 q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
             logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-            rows = self.image_rows(logits.shape[2])
-            part = logits[:, :, rows]  # (B, heads, h*w, L_k)
+            rows = self.image_rows(role, logits.shape[2])
+            part = logits[:, :, rows]  # (B, heads, frames*h*w, L_k): frame-major, so each frame maps alone
             maps = part.reshape(-1, *self.grid, part.shape[-1]).permute(0, 3, 1, 2)
             logits[:, :, rows] = blur_maps(maps, self.sigma).permute(0, 2, 3, 1).reshape(part.shape)
             self.explicit += 1
-            return (logits.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+            out = logits.softmax(dim=-1) @ v  # (B, heads, L, D)
+            return out if kwargs.get("skip_output_reshape") else out.transpose(1, 2).flatten(2)
 
         return attention
 
-    def image_rows(self, length: int) -> slice:
-        n_image = self.grid[0] * self.grid[1]
-        if self.calls_in_block == 2:  # SD3.5's second, image-only attention of the x block
-            assert length == n_image, (length, n_image)
+    def role(self) -> str:
+        """What this attention call is: "pass" outside the chosen blocks, else the case's role for it."""
+        if self.layer not in self.chosen:
+            return "pass"
+        roles = self.case.roles(self.layer.kind)
+        assert self.calls_in_block <= len(roles), f"{self.layer}: attention call {self.calls_in_block} not in {roles}"
+        return roles[self.calls_in_block - 1]
+
+    def image_rows(self, role: str, length: int) -> slice:
+        n_image = self.case.frames * self.grid[0] * self.grid[1]
+        if role == "image":  # image tokens alone (SD3.5's attn2, PixelDiT's pixel blocks)
+            assert length == n_image, (self.layer, length, n_image)
             return slice(0, n_image)
-        assert self.calls_in_block == 1 and length == self.case.n_ctx + n_image + self.case.n_extra, length
+        assert role == "joint" and length == self.case.n_ctx + n_image + self.case.n_extra, (self.layer, role, length)
         return slice(self.case.n_ctx, self.case.n_ctx + n_image)
 
 
-def blocks(model):
+def blocks(model, kinds: tuple[tuple[str, str], ...] = FLUX_BLOCKS):
+    """``(DitLayer, block)`` of every block, in run order, from a (kind, ModuleList attribute) list (a case's
+    ``blocks``; Flux's and MMDiT's by default, as tools/dit_adapter_smoke.py calls it)."""
     from lib_seg.dit.layers import DitLayer
 
-    for kind in ("double", "single", "joint"):
-        for index, block in enumerate(getattr(model, f"{kind}_blocks", ())):
+    for kind, attribute in kinds:
+        for index, block in enumerate(getattr(model, attribute, ())):
             yield DitLayer(kind, index), block
 
 
 def call(case: Case):
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), case.context():
         inputs = dict(case.inputs)
         return case.model(inputs.pop("x"), inputs.pop("t"), control=None, transformer_options={}, **inputs)
 
@@ -341,28 +348,37 @@ def reference_attention(case: Case, chosen, grid, sigma) -> Iterator[Reference]:
     """Within the block, every call of ``case.model`` runs the reference attention in the ``chosen`` blocks
     (however it is called: directly or through a host's sampler); ``Reference.explicit`` counts those calls."""
     ref = Reference(case, chosen, grid, sigma)
-    module = importlib.import_module(case.attention[0])
-    original = getattr(module, case.attention[1])
-    handles = [block.register_forward_pre_hook(ref.enter_block(layer)) for layer, block in blocks(case.model)]
-    setattr(module, case.attention[1], ref.attention(original))
+    handles = []
+    for layer, block in blocks(case.model, case.blocks):
+        marker = block.get_submodule(case.marker)
+        handles += [
+            marker.register_forward_pre_hook(ref.enter_block(layer)),
+            marker.register_forward_hook(ref.leave_block),
+        ]
+    swapped = []
     try:
+        for name, attribute in case.attention:
+            module = importlib.import_module(name)
+            swapped.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, ref.attention(swapped[-1][2]))
         yield ref
     finally:
-        setattr(module, case.attention[1], original)
+        for module, attribute, original in reversed(swapped):
+            setattr(module, attribute, original)
         for handle in handles:
             handle.remove()
 
 
-def explicit_calls(model, chosen) -> int:
+def explicit_calls(model, chosen, kinds: tuple[tuple[str, str], ...] = FLUX_BLOCKS) -> int:
     """Reference attention calls one model call makes: one per chosen block, two in SD3.5's attn2 blocks."""
     attn2 = lambda block: bool(getattr(getattr(block, "x_block", None), "x_block_self_attn", False))  # noqa: E731
-    return sum(1 + attn2(block) for layer, block in blocks(model) if layer in set(chosen))
+    return sum(1 + attn2(block) for layer, block in blocks(model, kinds) if layer in set(chosen))
 
 
 def reference(case: Case, chosen, grid, sigma):
     with reference_attention(case, chosen, grid, sigma) as ref:
         out = call(case)
-    expected = explicit_calls(case.model, chosen)
+    expected = explicit_calls(case.model, chosen, case.blocks)
     assert ref.explicit == expected, f"{ref.explicit} explicit attention calls, expected {expected}"
     return out
 
@@ -375,23 +391,29 @@ def run_case(host: str, case: Case, report) -> None:
     from lib_seg.dit.hooks import blurred_dit_queries
     from lib_seg.dit.layers import resolve_layers
 
-    latent = tuple(case.inputs["x"].shape[-2:])
+    shape = tuple(case.inputs["x"].shape[2:])  # (H, W), or (T, H, W) of a 5-D latent
+    latent = shape[-2:]
     grid = (-(-latent[0] // case.patch), -(-latent[1] // case.patch))  # (even latent for Forge's MMDiTX)
-    label = f"{host} {case.name} {latent[0]}x{latent[1]}"
+    label = f"{host} {case.name} {'x'.join(map(str, shape))}"
     report(no_hooks(case.model), f"{label}: no hooks before")
     plain = call(case)
     scale = float(plain.abs().max())
     skips = []
     for spec in case.specs:
-        chosen = resolve_layers(spec, [layer for layer, _ in blocks(case.model)])
+        chosen = resolve_layers(spec, [layer for layer, _ in blocks(case.model, case.blocks)])
         for sigma in SIGMAS:
-            with blurred_dit_queries(case.model, chosen, sigma, on_skip=lambda *a: skips.append(a)):
-                seg = call(case)
-            expected = reference(case, chosen, grid, sigma)
+            where = f"{label} {spec:>3} sigma={sigma}"
+            try:
+                with blurred_dit_queries(case.model, chosen, sigma, on_skip=lambda *a: skips.append(a)):
+                    seg = call(case)
+                expected = reference(case, chosen, grid, sigma)
+            except Exception as error:  # a failing family stays visible in the report, the other cases still run
+                report(False, f"{where}: raised {type(error).__name__}: {error}")
+                continue
             err = float((seg - expected).abs().max()) / scale
             effect = float((seg - plain).abs().max()) / scale
             ok = err <= case.rel and effect > EFFECT_FACTOR * case.rel and seg.dtype == plain.dtype
-            report(ok, f"{label} {spec:>3} sigma={sigma}: rel err {err:.2e} <= {case.rel:.1e}, effect {effect:.2e}")
+            report(ok, f"{where}: rel err {err:.2e} <= {case.rel:.1e}, effect {effect:.2e}")
     report(not skips, f"{label}: no block skipped {skips}")
     report(no_hooks(case.model), f"{label}: no hooks left")
     report(bool(call(case).equal(plain)), f"{label}: plain output bit-identical after")
