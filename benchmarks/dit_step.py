@@ -1,7 +1,9 @@
-"""Per-step cost of SEG on DiTs (Flux, Flux.2-Klein, SD3.5 Medium): CFG only vs the separate SEG call vs batched rows.
+"""Per-step cost of SEG on DiTs (Flux, SD3.5, Flux.2-Klein, Neo's families): CFG only, separate SEG call, batched rows.
 
-    python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16
-    python benchmarks/dit_step.py --tiny                      # CPU smoke run (small widths, 4 cases)
+    python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16 (CASES)
+    python benchmarks/dit_step.py --cases families            # Neo's families at full size (FAMILY_CASES)
+    python benchmarks/dit_step.py --cases wan14b:1:4:inf      # any model:batch:cfg:sigma list
+    python benchmarks/dit_step.py --tiny                      # CPU smoke run (small widths, 8 cases)
 
 The transformers are the from-scratch DiTs of tests/support/dit_models.py built at the released sizes
 with random bf16 weights, made directly on the device (meta tensors, ``to_empty``, then a
@@ -23,10 +25,56 @@ parameters; SD3.5 Medium: 2.27 B, the release's 2.5 B less most of its 384² pos
 the embedders are single linear maps (no sinusoidal timestep MLP, no guidance embedder), which cost
 nothing next to the blocks.  ``--dtype`` defaults to bfloat16 on a GPU, float32 on the CPU.
 
+Forge Neo's families (``--cases families``: each at batch 1 and 2, CFG 1 and 4, infinite sigma) are the
+test models of tests/support at the widths and block counts of the released configs (Neo's
+``backend/huggingface/*/transformer/config.json`` and ``huggingface_guess/detection.py``); images at 1024²,
+text lengths as Neo's prompts give them (padded where Neo pads, else a 256-token prompt).  Parameters as
+counted here (meta device) against the released sizes:
+
+* ``zimage``: Z-Image-Turbo (dit_nextdit.py): hidden 3840, 30 heads of 128 (RoPE 32/48/48, theta 256), 30
+  layers after 2 + 2 refiners, SiLU-gated MLP 10240, time width 256, caption padded to a multiple of 32;
+  latent 16 x 128 x 128, 256 text tokens of width 2560 (Qwen3-4B): 6.15 B (released 6.15 B);
+* ``lumina2``: Lumina Image 2 / Neta Lumina: hidden 2304, 24 query heads over 8 k/v heads (RoPE 32/32/32),
+  26 layers after 2 + 2 refiners, MLP 9216, time width 1024; latent 16 x 128 x 128, 256 tokens of width 2304
+  (Gemma-2-2B): 2.61 B (released 2.6 B);
+* ``qwenimage``: Qwen-Image (dit_qwen.py): hidden 3072, 24 heads of 128 (RoPE 16/56/56), 60 dual-stream
+  blocks, MLP ratio 4; 5-D latent 16 x 1 x 128 x 128 (Wan VAE), 256 tokens of width 3584 (Qwen2.5-VL-7B):
+  20.42 B (released 20 B);
+* ``wan14b``: Wan 2.1 T2V 14B, also each Wan 2.2 A14B expert (dit_wan.py): dim 5120, 40 heads of 128, 40
+  blocks, FFN 13824, frequency width 256; 480p x 17 frames: latent 16 x 5 x 60 x 104 (1 + 16 / 4 latent
+  frames of 480 x 832 / 8; 5 x 30 x 52 = 7800 tokens), 512 umT5 tokens of width 4096 (Neo pads to 512):
+  14.29 B (released 14 B);
+* ``anima``: Anima, Cosmos-Predict2 2B layout (dit_anima.py): width 2048, 16 heads, 28 blocks, MLP ratio
+  4, adaLN-LoRA 256; latent 16 x 1 x 128 x 128, 512 tokens of width 1024 (Neo pads the LLM adapter's
+  output to 512): 1.96 B (released 2 B; the LLM adapter, which Neo runs in the text encoder, is not built);
+* ``krea2``: Krea 2, Krea-2-Raw (dit_krea.py): 6144 = 48 query heads over 12 k/v heads of 128 (RoPE
+  32/48/48, theta 1000), 28 single-stream blocks, SwiGLU 16384, time width 256, text fusion over 12 tapped
+  Qwen3-VL layers of width 2560 (20 heads, SwiGLU 6912); latent 16 x 1 x 128 x 128 (Neo's Wan layout), 256
+  tokens: 12.86 B (released 12.9 B);
+* ``ernie``: Ernie-Image (dit_ernie.py): hidden 4096, 32 heads (RoPE 32/48/48), 36 layers, SwiGLU 12288,
+  patch 1 on the 128-channel Flux.2 latent (64 x 64 = 4096 tokens), 256 tokens of width 3072 (Ministral 3B):
+  8.00 B (released 8 B);
+* ``pixeldit``: PixelDiT, the PixDiT_T2I network Neo's PiD is built on (dit_pixeldit.py): 14 patch blocks of
+  hidden 1536 (24 heads, SwiGLU 4096 per stream), 2 pixel blocks (pixel width 16, attention 1152 with 16
+  heads), patch 16 on 1024² RGB pixels (64 x 64 patch tokens), 300 Gemma-2 tokens of width 2304 (Neo pads to
+  300): 1.30 B (released 1.3 B; PiD's LQ projection is not built: it needs an LQ latent per image).
+
+Where a test model fixes a width its release does not have, a subclass here sets it; the blocks, their
+hook points and the call stay the test model's: Anima's MLP ratio 4 (TinyAnima builds its blocks with
+2), the released SwiGLU MLPs of Ernie-Image, Krea 2 and PixelDiT's patch blocks (the test models' MLPs
+are 2x wide: GELU on Ernie-Image and PixelDiT, SwiGLU on Krea 2), PixelDiT's pixel MLP ratio 4, and
+Krea 2's 20 text-fusion heads (TinyKrea2 gives its text fusion the image heads: 48 do not divide 2560).
+TinyNextDiT casts its rotations to the latent's dtype, as Neo does, but rotates with ``torch.complex``,
+which has no bfloat16: a pre-hook gives its attentions float32 rotations (of the same bf16 values).  The
+5-D latents (Qwen-Image, Wan, Anima, Krea 2) run through a ``KModel`` whose sigma broadcasts over the
+latent's rank (forge_host's ``DitModel`` broadcasts over 4 dims, which pairs rows with channels in a 5-D
+batch), and Wan and Anima are called with the latent's device as the default one (TinyWan's timestep
+embedding and TinyAnima's padding mask are made without a device).  No family is skipped.
+
 The host is the new-Forge (Forge 2.x) imitation of tests/support/forge_host.py (``DitModel`` calls
-the DiT as ``KModel`` does; at CFG 1 the host skips the uncond pass); the code under test is
-``lib_seg.forge.adapter.patch_unet``, as the WebUI script calls it.  Modes, timed over whole denoiser
-steps (one ``p.sampler.model_wrap_cfg`` call) with CUDA events, interleaved step by step, median of
+the DiT as ``KModel`` does; at CFG 1 the host skips the uncond pass; Neo shares these names); the code
+under test is ``lib_seg.forge.adapter.patch_unet``, as the WebUI script calls it.  Modes, timed over whole
+denoiser steps (one ``p.sampler.model_wrap_cfg`` call) with CUDA events, interleaved step by step, median of
 ``--repeats`` after ``--warmup``:
 
 * ``cfg``      - SEG off: no extension at all;
@@ -35,7 +83,10 @@ steps (one ``p.sampler.model_wrap_cfg`` call) with CUDA events, interleaved step
 
 Per mode also the peak memory (``torch.cuda.max_memory_allocated`` reset per mode) above what was
 allocated before its first step (the weights and the inputs), and the model rows of each call of a
-step (``2 / 2+1`` ...: a fallback from batched to separate would show there).  Checks in the same run:
+step (``2 / 2+1`` ...: a fallback from batched to separate would show there).  "ideal batched" is the
+batched mode's exact limit: 1 + SEG rows / main rows x the timed share of a CFG-only step from the first
+blurred block on (from the first block where the family runs no prefix reuse: PixelDiT).  Checks in the
+same run:
 
 * "off bit-identical": ``patch_unet`` with SEG disabled vs no extension, ``torch.equal``;
 * "max rel. diff": ``max |batched - separate| / max |separate|`` of the guided x0 prediction;
@@ -59,6 +110,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,11 +118,19 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.seg_step import Timer  # noqa: E402
 from lib_seg.core.params import SegParams  # noqa: E402
 from lib_seg.core.targets import query_target  # noqa: E402
+from lib_seg.dit.families import family_of  # noqa: E402
 from lib_seg.dit.prefix import blocks_in_order  # noqa: E402
 from lib_seg.forge import adapter as forge  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
+from tests.support.dit_anima import TinyAnima  # noqa: E402
+from tests.support.dit_ernie import TinyErnie  # noqa: E402
 from tests.support.dit_flux2 import TinyFlux2  # noqa: E402
+from tests.support.dit_krea import SwiGLU, TextFusionTransformer, TinyKrea2  # noqa: E402
 from tests.support.dit_models import TinyFlux, TinyMMDiT  # noqa: E402
+from tests.support.dit_nextdit import TinyNextDiT  # noqa: E402
+from tests.support.dit_pixeldit import TinyPixelDiT  # noqa: E402
+from tests.support.dit_qwen import TinyQwen  # noqa: E402
+from tests.support.dit_wan import TinyWan  # noqa: E402
 
 KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
 TIMED = ("cfg", "separate", "batched")
@@ -81,9 +141,111 @@ CASES = (
     "klein4b:1:1:inf,klein4b:1:4:inf,klein4b:2:1:inf,klein4b:2:4:inf,"
     "klein9b:1:1:inf,klein9b:1:4:inf,klein9b:2:1:inf,klein9b:2:4:inf"
 )
-# --tiny's defaults (a smoke run in seconds): both models, batch 1 and 2, CFG 1 and 4, infinite and finite sigma
-TINY_CASES = "flux:1:1:inf,flux:2:4:10,sd35m:1:4:inf,sd35m:2:1:10,klein4b:1:1:inf"
+FAMILIES = ("zimage", "lumina2", "qwenimage", "wan14b", "anima", "krea2", "ernie", "pixeldit")  # Neo's
+# ``--cases families``: each of them at batch 1 and 2, CFG 1 and 4 (the default run above stays as it was)
+FAMILY_CASES = ",".join(f"{name}:{batch}:{cfg}:inf" for name in FAMILIES for batch in (1, 2) for cfg in (1, 4))
+PRESETS = {"default": CASES, "families": FAMILY_CASES}
+# --tiny's defaults (a smoke run in seconds): batch 1 and 2, CFG 1 and 4, infinite and finite sigma, the
+# first models and three of Neo's families (a 4-D, a 5-D video and a 5-D image latent)
+TINY_CASES = (
+    "flux:1:1:inf,flux:2:4:10,sd35m:1:4:inf,sd35m:2:1:10,klein4b:1:1:inf,zimage:1:1:inf,wan14b:1:4:inf,qwenimage:2:1:10"
+)
 TINY_RUN = {"device": "cpu", "cases": TINY_CASES, "warmup": 2, "repeats": 2}
+
+
+class KModel5d(host.DitModel):
+    """forge_host's ``DitModel`` with sigma broadcast over the latent's rank, as Neo's predictors do (its own
+    ``t[:, None, None, None]`` would pair the rows of a 5-D batch with its channels)."""
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, control=None, transformer_options=None, **extra):
+        self.calls.append(transformer_options)
+        self.rows.append(x.shape[0])
+        v = self._call(
+            x, t, context=c_crossattn, y=y, control=control, transformer_options=transformer_options, **extra
+        )
+        return x - v * t.reshape(-1, *(1,) * (x.dim() - 1))
+
+    def _call(self, x, t, **kwargs):
+        return self.diffusion_model(x, t, **kwargs)
+
+
+class KModel5dOnDevice(KModel5d):
+    """:class:`KModel5d` calling the model with the latent's device as the default one: TinyWan's timestep
+    embedding and TinyAnima's padding mask are made without a device, so on a GPU they would be CPU tensors."""
+
+    def _call(self, x, t, **kwargs):
+        with torch.device(x.device):
+            return self.diffusion_model(x, t, **kwargs)
+
+
+def _float_rotations(_attention: nn.Module, args: tuple, kwargs: dict):
+    """``JointAttention(x, x_mask, freqs_cis, ...)`` pre-hook: the rotations in float32."""
+    x, mask, freqs, *rest = args
+    return (x, mask, freqs.float() if freqs.dtype in (torch.bfloat16, torch.float16) else freqs, *rest), kwargs
+
+
+class NextDiTAt(TinyNextDiT):
+    """TinyNextDiT whose attentions get the rotations in float32: it casts them to the latent's dtype, as Neo
+    does, but rotates with ``torch.complex``, which has no bfloat16 (Neo's comfy-kitchen kernel takes it)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for layer in (*self.context_refiner, *self.noise_refiner, *self.layers):
+            layer.attention.register_forward_pre_hook(_float_rotations, with_kwargs=True)
+
+
+class AnimaAt(TinyAnima):
+    """TinyAnima with the blocks' MLP ratio (the release's 4; TinyAnima builds its blocks with 2)."""
+
+    def __init__(self, mlp_ratio: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        dim, hidden = self.model_channels, int(self.model_channels * mlp_ratio)
+        for block in self.blocks:  # Block's own MLP (Neo: GPT2FeedForward), at that width
+            block.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
+
+
+class ErnieAt(TinyErnie):
+    """TinyErnie with the release's SwiGLU MLP of width ``ffn_hidden`` (TinyErnie: a GELU MLP of 2x)."""
+
+    def __init__(self, ffn_hidden: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if ffn_hidden is not None:
+            for layer in self.layers:
+                layer.mlp = SwiGLU(self.hidden, ffn_hidden)
+
+
+class Krea2At(TinyKrea2):
+    """TinyKrea2 with the release's SwiGLU widths (``mlp_hidden`` in the blocks, ``txt_mlp_hidden`` in the text
+    fusion; TinyKrea2: 2x) and ``txtheads`` text-fusion heads (TinyKrea2 gives it the image heads)."""
+
+    def __init__(self, mlp_hidden=None, txtheads=None, txt_mlp_hidden=None, **kwargs):
+        super().__init__(**kwargs)
+        features = self.first.out_features
+        if mlp_hidden is not None:
+            for block in self.blocks:
+                block.mlp = SwiGLU(features, mlp_hidden)
+        if txtheads is not None:
+            self.txtfusion = TextFusionTransformer(self.txtlayers, self.txtdim, txtheads)
+        if txt_mlp_hidden is not None:
+            for block in (*self.txtfusion.layerwise_blocks, *self.txtfusion.refiner_blocks):
+                block.mlp = SwiGLU(self.txtdim, txt_mlp_hidden)
+
+
+class PixelDiTAt(TinyPixelDiT):
+    """TinyPixelDiT with the release's SwiGLU patch-block MLPs of width ``mlp_hidden`` (both streams) and
+    pixel MLP ratio (TinyPixelDiT: GELU MLPs of 2x)."""
+
+    def __init__(self, mlp_hidden: int | None = None, pixel_mlp_ratio: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if mlp_hidden is not None:
+            for block in self.patch_blocks:
+                block.mlp_x, block.mlp_y = SwiGLU(self.hidden_size, mlp_hidden), SwiGLU(self.hidden_size, mlp_hidden)
+        if pixel_mlp_ratio is not None:
+            for block in self.pixel_blocks:
+                dim = block.pixel_dim
+                block.mlp = nn.Sequential(
+                    nn.Linear(dim, pixel_mlp_ratio * dim), nn.GELU(), nn.Linear(pixel_mlp_ratio * dim, dim)
+                )
 
 
 @dataclass(frozen=True)
@@ -92,11 +254,17 @@ class DitSpec:
 
     cls: type
     kwargs: dict
-    latent: int  # latent side (8x VAE: image side / 8)
+    latent: int | tuple[int, ...]  # latent side (8x VAE: image side / 8; ``kwargs["channels"]`` channels),
+    # or the latent of one row, (C, H, W) or (C, T, H, W)
     n_txt: int
     context_dim: int
-    vec_dim: int
+    vec_dim: int | None  # None: no pooled vector (no ``y`` in the conds)
     guidance: bool  # Flux dev's distilled-guidance value rides in the conds (one per row)
+    host_model: type = host.DitModel  # the host's ``KModel`` that calls it
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.kwargs["channels"], self.latent, self.latent) if isinstance(self.latent, int) else self.latent
 
 
 FULL = {
@@ -212,15 +380,184 @@ TINY["klein4b"] = DitSpec(  # Klein 4B's block counts (default d2,s10), small wi
     guidance=False,
 )
 
+# Forge Neo's families at their released sizes (module docstring); no pooled vector, no guidance value.
+NEXTDIT = dict(channels=16, refiners=2, patch=2)
+FULL["zimage"] = DitSpec(
+    NextDiTAt,
+    dict(NEXTDIT, hidden=3840, heads=30, layers=30, context_dim=2560, axes=(32, 48, 48), theta=256.0)
+    | dict(z_image=True, pad_multiple=32, adaln_dim=256, ffn_hidden=10240),
+    latent=128,
+    n_txt=256,
+    context_dim=2560,
+    vec_dim=None,
+    guidance=False,
+)
+FULL["lumina2"] = DitSpec(
+    NextDiTAt,
+    dict(NEXTDIT, hidden=2304, heads=24, kv_heads=8, layers=26, context_dim=2304, axes=(32, 32, 32), theta=10000.0)
+    | dict(z_image=False, pad_multiple=None, adaln_dim=1024, ffn_hidden=9216),
+    latent=128,
+    n_txt=256,
+    context_dim=2304,
+    vec_dim=None,
+    guidance=False,
+)
+FULL["qwenimage"] = DitSpec(
+    TinyQwen,
+    dict(channels=16, hidden=3072, heads=24, depth=60, mlp_ratio=4, context_dim=3584, axes=(16, 56, 56)),
+    latent=(16, 1, 128, 128),
+    n_txt=256,
+    context_dim=3584,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5d,
+)
+FULL["wan14b"] = DitSpec(
+    TinyWan,
+    dict(in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, freq_dim=256, text_dim=4096, num_heads=40, num_layers=40),
+    latent=(16, 5, 60, 104),  # 480 x 832, 17 frames
+    n_txt=512,
+    context_dim=4096,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,
+)
+FULL["anima"] = DitSpec(
+    AnimaAt,
+    dict(in_channels=16, out_channels=16, model_channels=2048, num_heads=16, num_blocks=28, mlp_ratio=4.0)
+    | dict(crossattn_emb_channels=1024, adaln_lora_dim=256),
+    latent=(16, 1, 128, 128),
+    n_txt=512,
+    context_dim=1024,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,
+)
+FULL["krea2"] = DitSpec(
+    Krea2At,
+    dict(channels=16, features=6144, heads=48, kvheads=12, layers=28, patch=2, tdim=256, mlp_hidden=16384)
+    | dict(txtdim=2560, txtlayers=12, txtheads=20, txt_mlp_hidden=6912),
+    latent=(16, 1, 128, 128),
+    n_txt=256,
+    context_dim=12 * 2560,  # the 12 tapped Qwen3-VL layers side by side
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5d,
+)
+FULL["ernie"] = DitSpec(
+    ErnieAt,
+    dict(
+        channels=128, hidden=4096, heads=32, layers=36, patch=1, text_in_dim=3072, axes=(32, 48, 48), ffn_hidden=12288
+    ),
+    latent=64,
+    n_txt=256,
+    context_dim=3072,
+    vec_dim=None,
+    guidance=False,
+)
+FULL["pixeldit"] = DitSpec(
+    PixelDiTAt,
+    dict(in_channels=3, hidden_size=1536, num_groups=24, patch_depth=14, mlp_hidden=4096, patch_size=16)
+    | dict(pixel_hidden_size=16, pixel_attn_hidden_size=1152, pixel_num_groups=16, pixel_depth=2, pixel_mlp_ratio=4)
+    | dict(txt_embed_dim=2304),
+    latent=(3, 1024, 1024),  # pixels
+    n_txt=300,
+    context_dim=2304,
+    vec_dim=None,
+    guidance=False,
+)
+# Small widths, the released block counts (so ``middle`` is the released default block), small latents.
+TINY["zimage"] = DitSpec(  # default l15
+    NextDiTAt,
+    dict(NEXTDIT, hidden=32, heads=2, layers=30, context_dim=32, z_image=True, pad_multiple=32, adaln_dim=16),
+    latent=16,
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+)
+TINY["lumina2"] = DitSpec(  # default l13
+    NextDiTAt,
+    dict(NEXTDIT, hidden=64, heads=4, kv_heads=2, layers=26, context_dim=32, z_image=False, pad_multiple=None)
+    | dict(theta=10000.0, adaln_dim=16),
+    latent=16,
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+)
+TINY["qwenimage"] = DitSpec(  # default j30
+    TinyQwen,
+    dict(channels=16, hidden=32, heads=2, depth=60, mlp_ratio=2, context_dim=32),
+    latent=(16, 1, 16, 16),
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5d,
+)
+TINY["wan14b"] = DitSpec(  # default b20; 3 latent frames, each blurred over its own grid
+    TinyWan,
+    dict(in_dim=16, out_dim=16, dim=32, ffn_dim=48, freq_dim=16, text_dim=32, num_heads=2, num_layers=40),
+    latent=(16, 3, 8, 10),
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,
+)
+TINY["anima"] = DitSpec(  # default b14
+    AnimaAt,
+    dict(in_channels=16, out_channels=16, model_channels=48, num_heads=2, num_blocks=28, mlp_ratio=4.0)
+    | dict(crossattn_emb_channels=32, adaln_lora_dim=8),
+    latent=(16, 1, 16, 16),
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,
+)
+TINY["krea2"] = DitSpec(  # default s14
+    Krea2At,
+    dict(channels=16, features=64, heads=4, kvheads=2, layers=28, patch=2, tdim=8, mlp_hidden=96)
+    | dict(txtdim=16, txtlayers=3, txtheads=2, txt_mlp_hidden=24),
+    latent=(16, 1, 16, 16),
+    n_txt=16,
+    context_dim=3 * 16,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5d,
+)
+TINY["ernie"] = DitSpec(  # default l18
+    ErnieAt,
+    dict(channels=32, hidden=32, heads=2, layers=36, patch=1, text_in_dim=32, ffn_hidden=48),
+    latent=8,
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+)
+TINY["pixeldit"] = DitSpec(  # default j7
+    PixelDiTAt,
+    dict(in_channels=3, hidden_size=32, num_groups=2, patch_depth=14, mlp_hidden=48, patch_size=4)
+    | dict(pixel_hidden_size=4, pixel_attn_hidden_size=24, pixel_num_groups=2, pixel_depth=2, pixel_mlp_ratio=4)
+    | dict(txt_embed_dim=32),
+    latent=(3, 32, 32),
+    n_txt=16,
+    context_dim=32,
+    vec_dim=None,
+    guidance=False,
+)
+
 
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights on the model's device: ``N(0, 1/fan_in)`` matrices (activations keep their size
-    through 57 blocks, bf16 stays finite), small biases, RMSNorm scales near 1."""
+    through 57 blocks, bf16 stays finite), small biases, norm scales and weights near 1."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, parameter in model.named_parameters():
-        if name.endswith("scale"):
+        if name.endswith("scale") or (name.endswith("weight") and parameter.dim() == 1):  # norms (RMSNorm ...)
             parameter.normal_(1.0, 0.1, generator=generator)
         elif name.endswith("bias"):
             parameter.normal_(0.0, 0.02, generator=generator)
@@ -245,15 +582,15 @@ def make_inputs(spec: DitSpec, batch: int, device, dtype):
 
     def entry():
         conds = {
-            "c_crossattn": torch.randn(batch, spec.n_txt, spec.context_dim, generator=g, device=device, dtype=dtype),
-            "y": torch.randn(batch, spec.vec_dim, generator=g, device=device, dtype=dtype),
+            "c_crossattn": torch.randn(batch, spec.n_txt, spec.context_dim, generator=g, device=device, dtype=dtype)
         }
+        if spec.vec_dim is not None:
+            conds["y"] = torch.randn(batch, spec.vec_dim, generator=g, device=device, dtype=dtype)
         if spec.guidance:
             conds["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
         return [{"model_conds": conds, "strength": 1.0}]
 
-    channels = spec.kwargs["channels"]
-    x = torch.randn(batch, channels, spec.latent, spec.latent, generator=g, device=device, dtype=dtype)
+    x = torch.randn(batch, *spec.shape, generator=g, device=device, dtype=dtype)
     return x, torch.full((batch,), STEP_SIGMA, device=device, dtype=dtype), entry(), entry()
 
 
@@ -274,10 +611,10 @@ def padded_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
     return apply_model(pad(x), pad(args["timestep"]), **c)[:rows]
 
 
-def processing(model: torch.nn.Module, mode: str, layers: str, sigma: float):
+def processing(model: torch.nn.Module, mode: str, layers: str, sigma: float, host_model: type = host.DitModel):
     """``(p, layer text)`` for one mode: ``cfg`` (no extension), ``separate``, ``batched``, ``off`` (SEG
     disabled through the adapter), ``padded`` (``separate`` with every model call padded: the noise floor)."""
-    p, text = host.make_processing(KIND, model), None
+    p, text = host.make_processing(KIND, model, model=host_model(model)), None
     if mode in ("separate", "batched", "off", "padded"):
         params = SegParams(enabled=mode != "off", layers=layers, blur_sigma=sigma)
         text = forge.patch_unet(p, params, batch_rows=mode == "batched")
@@ -342,10 +679,12 @@ def _elapsed(a, b) -> float:
 
 def suffix_share(p, model: torch.nn.Module, inputs, cfg_scale: float, layers: str, device, repeats: int) -> float:
     """The share of a CFG-only step spent from the first blurred block to the end of the last block,
-    timed (CUDA events around the step and at those two blocks; median of ``repeats`` steps)."""
+    timed (CUDA events around the step and at those two blocks; median of ``repeats`` steps).  From the
+    first block where the family runs no prefix reuse (the SEG rows go through every block)."""
     chosen = set(query_target(model).resolve(layers))
     order = blocks_in_order(model)
-    first = next(block for layer, block in order if layer in chosen)
+    reuse = getattr(family_of(model), "prefix_reuse", True)
+    first = next(block for layer, block in order if layer in chosen or not reuse)
     marks: dict[str, object] = {}
     handles = [
         first.register_forward_pre_hook(lambda *_: marks.__setitem__("start", _mark(device))),
@@ -365,10 +704,10 @@ def suffix_share(p, model: torch.nn.Module, inputs, cfg_scale: float, layers: st
     return statistics.median(shares)
 
 
-def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, args, device) -> dict:
+def run_case(model, spec_name, batch, cfg_scale, sigma_text, layers, inputs, args, device, host_model) -> dict:
     sigma = math.inf if sigma_text == "inf" else float(sigma_text)
     modes = (*TIMED, "off", "padded")
-    made = {mode: processing(model, mode, layers, sigma) for mode in modes}
+    made = {mode: processing(model, mode, layers, sigma, host_model) for mode in modes}
     ps, layer_text = {mode: p for mode, (p, _) in made.items()}, made["separate"][1]
     times = {mode: [] for mode in TIMED}
     outs, rows, peaks = {}, {}, {}
@@ -438,10 +777,14 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=None,
-        help="model:batch:cfg:sigma, comma-separated (models: flux, sd35m, klein4b, klein9b; default: 18 cases)",
+        help=f"model:batch:cfg:sigma, comma-separated (models: {', '.join(FULL)}), or a preset: default (18 cases "
+        f"of flux, sd35m, klein4b, klein9b), families ({len(FAMILY_CASES.split(','))} cases of {', '.join(FAMILIES)})",
     )
     parser.add_argument(
-        "--layers", default="middle", help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9 / Klein d2,s10)"
+        "--layers",
+        default="middle",
+        help="SEG layer specs, ';'-separated (middle: d7-9,s7-9 / j7-9 / Klein d2,s10 / Z-Image l15 / Lumina 2 l13 / "
+        "Qwen-Image j30 / Wan 14B b20 / Anima b14 / Krea 2 s14 / Ernie-Image l18 / PixelDiT j7)",
     )
     parser.add_argument("--device", default=None, help="default: cuda when there is one (--tiny: cpu)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -454,6 +797,10 @@ def parse_arguments() -> argparse.Namespace:
     for key, value in (TINY_RUN if args.tiny else real).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.cases = PRESETS.get(args.cases, args.cases)
+    unknown = {case.split(":")[0] for case in args.cases.split(",")} - set(FULL)
+    if unknown:
+        parser.error(f"unknown models {', '.join(sorted(unknown))} (known: {', '.join(FULL)})")
     if torch.device(args.device).type == "cpu" and not args.tiny:
         parser.error("the full-size models need a GPU (Flux alone is 24 GB of bf16 weights); add --tiny on the CPU")
     if args.dtype is None:  # CPUs without bf16 units run bf16 far slower than float32
@@ -483,7 +830,7 @@ def main() -> None:
     with forge_host_installed(), torch.inference_mode():
         for name in order:
             t0 = time.perf_counter()
-            model = build_model(specs[name], device, dtype)
+            model, host_model = build_model(specs[name], device, dtype), specs[name].host_model
             synchronize(device)
             params = sum(p.numel() for p in model.parameters())
             weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
@@ -496,7 +843,9 @@ def main() -> None:
                     continue
                 inputs = make_inputs(specs[name], int(batch), device, dtype)
                 for layers in args.layers.split(";"):
-                    r = run_case(model, name, int(batch), float(cfg_scale), sigma_text, layers, inputs, args, device)
+                    r = run_case(
+                        model, name, int(batch), float(cfg_scale), sigma_text, layers, inputs, args, device, host_model
+                    )
                     results.append(r)
                     print(f"[{time.perf_counter() - started:6.0f} s] {table_row(r, args.tiny)}", flush=True)
             del model, inputs

@@ -115,8 +115,15 @@ def test_dit_step_tiny(tmp_path: Path, dtype: str) -> None:
     rows = _table(out)
     cases = [("flux (tiny)", "1", "1", "inf"), ("flux (tiny)", "2", "4", "10")]
     cases += [("sd35m (tiny)", "1", "4", "inf"), ("sd35m (tiny)", "2", "1", "10"), ("klein4b (tiny)", "1", "1", "inf")]
+    # Neo's families: a 4-D latent, a 5-D video latent (3 frames), a 5-D one-frame latent
+    cases += [
+        ("zimage (tiny)", "1", "1", "inf"),
+        ("wan14b (tiny)", "1", "4", "inf"),
+        ("qwenimage (tiny)", "2", "1", "10"),
+    ]
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == cases
     defaults = {"flux": "d7-9,s7-9", "sd35m": "j7-9", "klein4b": "d2,s10"}  # the models' default blocks
+    defaults |= {"zimage": "l15", "wan14b": "b20", "qwenimage": "j30"}  # the middle block of the released counts
     for row in rows:
         assert len(row) == 16 and "NaN" not in row[-1], row
         batch, main = int(row[1]), int(row[1]) * (1 if row[2] == "1" else 2)  # CFG 1: the host skips uncond
