@@ -1,5 +1,13 @@
-"""Smoke check of lib_seg.forge.adapter on Flux, Chroma and SD3 through a REAL Forge 2.x or reForge sampler (not
-a test: it needs a host tree and its venv; ``--host imitation`` is its self-check without one, run by CI).
+"""Smoke check of lib_seg.forge.adapter on the DiT families through a REAL Forge 2.x, reForge or Forge Neo sampler
+(not a test: it needs a host tree and its venv; ``--host imitation`` is its self-check without one, run by CI).
+
+Families: Flux, Chroma and SD3 on Forge 2.x / reForge; on Neo, every case of ``tools/_neo_cases.py`` whose
+conditioning is the context tensor alone: Flux, Chroma, Flux.2-Klein (9x13, 8x8), Z-Image, Lumina 2,
+Qwen-Image, Wan (one frame, three frames), Anima (one frame, three frames), Krea 2 and Ernie-Image.  The
+cases that need Neo's globals or extra conds (Flux Kontext, Klein / Qwen-Image-Edit / Anima / Krea 2
+references, Wan's ``time_dim_concat`` and 2.1 i2v, PixelDiT and PiD's LQ latent) are covered by
+``dit_backend_smoke --host neo`` only.  The family, its blocks and the two settings checked (a finite blur on
+the middle block(s), the mean on all) come from lib_seg's registry (``lib_seg.dit.families.family_of``).
 
 The host's own tiny float64 transformers of ``tools/dit_backend_smoke.py`` are wrapped as the hosts wrap them:
 Forge 2.x ``UnetPatcher.from_model`` (``KModel`` with the engine's predictor: ``PredictionFlux`` for Flux and
@@ -13,7 +21,8 @@ runs as the hosts' ``CFGDenoiser`` runs it: Forge 2.x's ``backend.sampling.sampl
 ``lib_seg.forge.adapter.patch_unet`` is called on a minimal ``p`` (``sd_model.forge_objects.unet``, the
 denoiser counters ``step`` / ``total_steps`` in ``sampler.model_wrap_cfg``), at CFG 1 and 4, batch 2, with the
 SEG rows batched into the main call and in a separate call, on a 9x13 latent (Forge 2.x's MMDiTX: 10x14, it
-fails on odd sides by itself).  Its output must equal an expectation that runs no lib_seg code::
+fails on odd sides by itself; Neo's 5-D latents: 1 or 3 frames of 9x13).  Its output must equal an
+expectation that runs no lib_seg code::
 
     plain denoised + 3 * (cond_plain - cond_ref)
 
@@ -53,8 +62,6 @@ from types import SimpleNamespace
 import dit_backend_smoke as smoke  # this script's folder is sys.path[0]
 
 SEG_SCALE, SIGMA_T, IMAGES = 3.0, 0.8, smoke.BATCH
-# (layers, blur sigma) per family: a finite blur on some blocks (SD3.5's attn2 block j0 included), the mean on all
-SETTINGS = {"flux": (("d1,s0", 1.5), ("all", math.inf)), "mmdit": (("j0", 1.5), ("all", math.inf))}
 # Bounds on max|seg - expected| / (3 * max|x - cond_plain|): the hosts' prediction is x - sigma * output, so
 # max|x - cond_plain| is sigma times the transformer's output scale, the scale dit_backend_smoke's bounds are
 # relative to.  The transformer runs as there (Flux/Chroma: float32 RoPE, ROPE_REL; MMDiT: FLOAT64_REL), but both
@@ -63,18 +70,39 @@ SETTINGS = {"flux": (("d1,s0", 1.5), ("all", math.inf)), "mmdit": (("j0", 1.5), 
 # float32 ulp (2**-23 of the output scale): denoised (up to 1 + 2 * 4 terms at CFG 4, divided by the SEG scale 3)
 # and the two cond terms of each sum give at most 7 ulps; 2**4 float32 epsilons of room.
 F32_OUTPUT_REL = 2.0**4 * 2.0**-23
+# model_list.py (huggingface_guess): memory_usage_factor and sampling_settings' shift of the family's class
+# (Flux, Flux2K4B, Lumina2, ZImage, QwenImage, WAN21_T2V (dim / 2000 in its __init__), Anima, Krea2,
+# ErnieImage); PredictionFlux reads only the shift, which one step at a given sigma does not use.
+NEO_CONFIGS = {
+    "flux": (3.1, 1.15), "flux2": (14.6, 2.02), "lumina2": (1.4, 6.0), "zimage": (2.8, 3.0),
+    "qwen": (1.8, 1.15), "wan": (None, 8.0), "anima": (1.32, 3.0), "krea2": (2.2, 1.15), "ernie": (10.0, 3.0),
+}  # fmt: skip
 
 
 @dataclass
 class Family:
-    name: str  # "flux" (Flux, Chroma) or "mmdit" (SD3)
-    blocks: str  # the model's blocks in SEG's layer syntax, written here from its ModuleLists
+    name: str  # the lib_seg.dit.families registry's name ("flux", "flux2", "mmdit", "zimage", "wan", ...)
+    layers: tuple  # the model's blocks (DitLayers) in run order, as the registry lists them
+    blocks: str  # the same in SEG's layer syntax (lib_seg.dit.layers.format_layers)
 
     @classmethod
     def of(cls, model) -> Family:
-        if hasattr(model, "joint_blocks"):
-            return cls("mmdit", f"j0-{len(model.joint_blocks) - 1}")
-        return cls("flux", f"d0-{len(model.double_blocks) - 1},s0-{len(model.single_blocks) - 1}")
+        from lib_seg.dit.families import family_of
+        from lib_seg.dit.layers import format_layers
+
+        family = family_of(model)
+        assert family is not None, f"no SEG family knows {type(model).__name__}"
+        layers = family.layers(model)
+        return cls(family.name, layers, format_layers(layers))
+
+    def settings(self) -> tuple[tuple[str, float], ...]:
+        """(layers, blur sigma): a finite blur on the middle block (the two middle ones from 4 blocks on:
+        Flux's ``d1,s0``; SD3's ``j0``), and the mean on all blocks."""
+        from lib_seg.dit.layers import format_layers
+
+        n = len(self.layers)
+        middle = {self.layers[(n - 1) // 2], self.layers[n // 2]} if n >= 4 else {self.layers[(n - 1) // 2]}
+        return (format_layers(middle), 1.5), ("all", math.inf)
 
 
 class Forge2:
@@ -220,10 +248,14 @@ class Neo(Forge2):
     float64); the reference-image cases are left to dit_backend_smoke (they need Neo's ``ref_latents``)."""
 
     output_rel = F32_OUTPUT_REL
+    # The cases whose only conditioning is the context tensor (``c_crossattn``); the others need Neo's globals
+    # or extra conds (Kontext / Klein / Qwen-Edit / Anima / Krea references, Wan's time_dim_concat and i2v
+    # CLIP features + concat latent, PixelDiT / PiD): dit_backend_smoke covers those.
+    WANTED = ("Flux", "Chroma", "Flux.2-Klein", "Flux.2-Klein 8x8", "Z-Image", "Lumina 2", "Qwen-Image", "Wan")
+    WANTED += ("Wan 3-frame", "Anima", "Anima 3-frame", "Krea 2", "Ernie-Image")
 
     def cases(self):
-        wanted = ("Flux", "Chroma", "Flux.2-Klein", "Flux.2-Klein 8x8")
-        return [case for case in smoke.neo_cases() if case.name in wanted]
+        return [case for case in smoke.neo_cases() if case.name in self.WANTED]
 
     def wrap(self, case):
         from backend.args import dynamic_args
@@ -236,10 +268,10 @@ class Neo(Forge2):
         model, cpu = case.model, self.torch.device("cpu")
         model.storage_dtype = model.computation_dtype = self.torch.float32
         model.load_device = model.offload_device = model.initial_device = cpu
-        klein = getattr(model, "global_modulation", False)  # model_list.py: Flux2K4B 14.6 / shift 2.02, Flux 3.1
-        config = SimpleNamespace(
-            memory_usage_factor=14.6 if klein else 3.1, sampling_settings={"shift": 2.02 if klein else 1.15}
-        )
+        memory, shift = NEO_CONFIGS.get(Family.of(model).name, (1.0, 1.0))
+        if memory is None:  # WAN21_T2V: unet_config["dim"] / 2000
+            memory = model.dim / 2000
+        config = SimpleNamespace(memory_usage_factor=memory, sampling_settings={"shift": shift})
         return UnetPatcher.from_model(
             model=model, diffusers_scheduler=None, config=config, k_predictor=PredictionFlux(config)
         )
@@ -293,9 +325,9 @@ def run_case(host: str, api, case, report) -> None:
     )
     cond, uncond = api.text_conds(inputs), api.text_conds(negative)
     sigma = torch.full((IMAGES,), SIGMA_T, dtype=x.dtype)
-    latent = tuple(x.shape[-2:])
+    latent = tuple(x.shape[-2:])  # (H, W) of a 4-D latent or of each frame of Neo's 5-D (B, C, T, H, W)
     grid = (-(-latent[0] // case.patch), -(-latent[1] // case.patch))  # the model's patches, odd sides padded
-    label = f"{host} {case.name} {latent[0]}x{latent[1]}"
+    label = f"{host} {case.name} {'x'.join(map(str, x.shape[2:]))}"
     rel = case.rel + api.output_rel
 
     def step(p, cfg):
@@ -306,11 +338,11 @@ def run_case(host: str, api, case, report) -> None:
         plain = {cfg: step(processing(patcher), cfg) for cfg in (1.0, 4.0)}
         cond_plain = api.cond_pass(patcher, x, sigma, cond)
         scale = SEG_SCALE * float((x - cond_plain).abs().max())
-        for spec, blur in SETTINGS[family.name]:
-            chosen = resolve_layers(spec, [layer for layer, _ in smoke.blocks(case.model)])
+        for spec, blur in family.settings():
+            chosen = resolve_layers(spec, family.layers)
             with smoke.reference_attention(case, chosen, grid, blur) as ref:
                 cond_ref = api.cond_pass(patcher, x, sigma, cond)
-            explicit = smoke.explicit_calls(case.model, chosen)
+            explicit = smoke.explicit_calls(case.model, chosen, case.blocks)
             report(ref.explicit == explicit, f"{label} {spec} sigma={blur}: reference ran {ref.explicit}/{explicit}")
             for cfg in (1.0, 4.0):
                 expected = plain[cfg] + SEG_SCALE * (cond_plain - cond_ref)
