@@ -72,6 +72,22 @@ class DitFamily:
         raise NotImplementedError
 
 
+class CallFacts:
+    """What one model call tells a family's hooks, with the image tokens' place worked out once per call:
+    :meth:`where` caches :meth:`_locate` (the family's own: grid and offsets, or the reason they cannot be
+    placed); a subclass sets ``_where = None`` when a new call starts."""
+
+    _where: Any = None
+
+    def where(self) -> Any:
+        if self._where is None:
+            self._where = self._locate()
+        return self._where
+
+    def _locate(self) -> Any:
+        raise NotImplementedError
+
+
 def has_blocks(model: Any, *attributes: str) -> bool:
     """Whether ``model`` is a module with a ModuleList under every one of ``attributes``."""
     return isinstance(model, nn.Module) and all(

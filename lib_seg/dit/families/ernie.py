@@ -42,7 +42,7 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_image_queries
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 # Released layer count: baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36
 # (Neo ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
@@ -97,7 +97,7 @@ def _namespace(attention: nn.Module) -> dict | None:
     return namespace if isinstance(namespace, dict) and callable(namespace.get(SEAM)) else None
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the layers: latent, text length, position ids."""
 
     def __init__(self, model: nn.Module):
@@ -123,12 +123,6 @@ class _Call:
     def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else next(iter(kwargs.values()), None)
         self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
-    def where(self) -> tuple[tuple[int, int], int] | str:
-        """``(grid, n_txt)``, or the reason the image tokens cannot be placed."""
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
 
     def _locate(self) -> tuple[tuple[int, int], int] | str:
         patch = model_patch(self.model)

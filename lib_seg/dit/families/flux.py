@@ -37,12 +37,12 @@ from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_gri
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 Where = tuple[tuple[int, int], int]  # (grid, text tokens before the image in the joint sequence)
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the hooks: latent, text length, position ids, each block's rotations."""
 
     def __init__(self, model: nn.Module):
@@ -80,12 +80,6 @@ class _Call:
             self.pe[layer] = arguments(block, args, kwargs).get("pe")
 
         return pre_hook
-
-    def where(self) -> Where | str:
-        """``(grid, n_txt)`` of this call's image tokens, or the reason they cannot be placed."""
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
 
     def _locate(self) -> Where | str:
         if self.latent is None:

@@ -38,7 +38,7 @@ from lib_seg.dit.geometry import patch_grid, positions_fit_grid
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 # Released block counts: Krea-2-Raw ``transformer/config.json`` ``num_layers`` 28 (Neo
 # ``backend/huggingface/krea/Krea-2-Raw``); Neo's detection counts ``blocks.N`` (``huggingface_guess/detection.py``).
@@ -66,7 +66,7 @@ def frame_rows(rows: Rows, frames: int, batch: int) -> Rows:
     return [row * frames + t for row in chosen for t in range(frames)]
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the hooks: latent grid, text length, position ids, each layer's rotations."""
 
     def __init__(self, model: nn.Module):
@@ -101,12 +101,6 @@ class _Call:
             self.freqs[layer] = arguments(attn, args, kwargs).get("freqs")
 
         return pre_hook
-
-    def where(self) -> tuple[tuple[int, int], int] | str:
-        """``(grid, n_txt)`` of this call's image tokens, or the reason they cannot be placed."""
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
 
     def _locate(self) -> tuple[tuple[int, int], int] | str:
         if self.latent is None:

@@ -42,7 +42,7 @@ from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_gri
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 # Main ``layers`` of the released models (each also has 2 noise_refiner + 2 context_refiner layers).
 RELEASED: dict[str, int] = {
@@ -80,7 +80,7 @@ def _z_image_modulation(model: nn.Module) -> bool:
     return isinstance(modulation, nn.Sequential) and len(modulation) > 0 and isinstance(modulation[0], nn.Linear)
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the hooks: latent, caption length, position ids, each layer's rotations."""
 
     def __init__(self, model: nn.Module):
@@ -107,12 +107,6 @@ class _Call:
     def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else next(iter(kwargs.values()), None)
         self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
-    def where(self) -> Where | str:
-        """``(grid, n_cap)`` of this call's image tokens, or the reason they cannot be placed."""
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
 
     def _locate(self) -> Where | str:
         if self.latent is None:

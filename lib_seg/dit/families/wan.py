@@ -43,7 +43,7 @@ from lib_seg.dit.geometry import patched_side, positions_fit_grid
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, apply_rope
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
 
 # Transformer blocks of the released models (``num_layers``; Wan-Video's ``wan/configs``: Wan2.1
 # ``wan_t2v_1_3B.py``, ``wan_t2v_14B.py``, ``wan_i2v_14B.py``; Wan2.2 ``wan_t2v_A14B.py``, ``wan_i2v_A14B.py``,
@@ -138,7 +138,7 @@ def ids_fit_frames(ids: torch.Tensor, frames: int, grid: tuple[int, int]) -> boo
     return positions_fit_grid(per_frame[..., 1:3], grid) and bool(((time - time[:, :1]).abs() < 0.5).all())
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the hooks: the latent's frames, the token grid, position ids, rotations."""
 
     def __init__(self, model: nn.Module):
@@ -169,11 +169,6 @@ class _Call:
             self.freqs[layer] = arguments(block, args, kwargs).get("freqs")
 
         return pre_hook
-
-    def where(self) -> Where | str:
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
 
     def _locate(self) -> Where | str:
         if self.latent_frames is None:
