@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from numbers import Number
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -68,9 +69,9 @@ def _children(value: object) -> list:
 
 
 def _plain(value: object) -> bool:
-    """An argument we can slim or leave: a tensor, something that holds no tensor, or a tuple, list,
-    dict or dataclass of such."""
-    if torch.is_tensor(value) or value is None or isinstance(value, Number | str | bool):
+    """An argument we can slim or leave: a tensor, something that holds no tensor (a plain function among
+    them: an attention override in ``transformer_options``), or a tuple, list, dict or dataclass of such."""
+    if torch.is_tensor(value) or value is None or isinstance(value, Number | str | bool | FunctionType):
         return True
     if isinstance(value, tuple | list | dict) or _is_record(value):
         return all(map(_plain, _children(value)))

@@ -25,7 +25,8 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.prefix import shared_prefix
-from tests.support.dit_blocks import Hooks
+from tests.support import dit_nextdit
+from tests.support.dit_blocks import OVERRIDE, Hooks, neo_attention
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_models import TinyFlux, TinyMMDiT
 from tests.support.dit_nextdit import TinyNextDiT, build
@@ -38,6 +39,9 @@ VARIANTS = {
     "z-image": dict(z_image=True, pad_multiple=4),  # caption 5 -> 8 tokens, image padded to a multiple of 4
     "lumina2": dict(z_image=False, pad_multiple=None, kv_heads=1),  # grouped k/v heads, no pad tokens
     "no-qk-norm": dict(z_image=False, pad_multiple=4, qk_norm=False),  # q- and k-norm one shared Identity
+    "z-image-2.29": dict(z_image=True, pad_multiple=4, fused=True),  # Neo >= 2.27: ck.rms_rope, no q-norm call
+    "lumina2-2.29": dict(z_image=False, pad_multiple=None, kv_heads=1, fused=True),  # ck.rms_rope1 (grouped)
+    "override-only": dict(z_image=True, pad_multiple=4, fused=True, kernel="attribute"),  # no module global
 }
 
 
@@ -56,7 +60,7 @@ def _inputs(latent, batch: int = 2, seed: int = 0) -> dict:
 
 def _call(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs)
+        return model(**{"transformer_options": {}, **inputs})  # as Neo's KModel calls it
 
 
 @contextmanager
@@ -83,9 +87,12 @@ def _seg(model, inputs, chosen, sigma, rows=None, on_skip=None) -> torch.Tensor:
         return _call(model, inputs)
 
 
+NEO_229 = ("z-image-2.29", "lumina2-2.29", "override-only")  # the same seam: an odd and a square latent do
+CASES = [(v, latent) for v in VARIANTS for latent in (LATENTS[:2] if v in NEO_229 else LATENTS)]
+
+
 @pytest.mark.parametrize("sigma", [0.9, 3.0, math.inf])
-@pytest.mark.parametrize("latent", LATENTS, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("variant", "latent"), CASES, ids=str)
 def test_nextdit_queries_equal_blurred_logit_rows_on_the_true_grid(variant, latent, sigma):
     model, inputs = build(seed=3, **VARIANTS[variant]), _inputs(latent)
     plain = _call(model, inputs)
@@ -161,13 +168,42 @@ def test_a_query_count_that_holds_no_grid_is_skipped():
     assert [(s[0], s[1], s[2]) for s in skips] == [(layer, 8 + 36, (9, 13)) for layer in chosen]
 
 
-def test_a_fused_attention_that_never_calls_the_q_norm_is_reported():
-    """Nunchaku's Z-Image attention norms and rotates inside one kernel: no hook can reach its queries."""
-    model, inputs, skips = build(seed=8, fused=True), _inputs((6, 6)), []
+def test_an_attention_that_reaches_no_seam_is_reported_by_name():
+    """A kernel that attends by itself (neither the module global nor ``wrap_attn``): no blur can reach
+    its queries, so every chosen layer is reported when its attention returns, and nothing changes."""
+    model, inputs, skips = build(seed=8, fused=True, kernel="private"), _inputs((6, 6)), []
     chosen = resolve_layers("l1-2", available_layers(model))
     got = _seg(model, inputs, chosen, 2.0, on_skip=lambda *a: skips.append(a))
     assert torch.equal(got, _call(model, inputs))
-    assert [s[0] for s in skips] == list(chosen) and all("q-norm" in s[3] for s in skips)
+    assert [s[0] for s in skips] == list(chosen) and all("never reached SEG" in s[3] for s in skips)
+
+
+def test_the_override_chains_in_front_of_another_extensions_and_leaves_the_callers_options_alone():
+    """Another extension's ``optimized_attention_override`` still runs, on SEG's blurred queries, and the
+    caller's ``transformer_options`` dict is the same object with the same keys afterwards."""
+    model, inputs = build(seed=10, fused=True, kernel="attribute"), _inputs((6, 7))
+    chosen = resolve_layers("l1", available_layers(model))
+    seen = []
+
+    def other(func, *args, **kwargs):
+        seen.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    options = {OVERRIDE: other}
+    with torch.no_grad(), blurred_dit_queries(model, chosen, 2.0):
+        got = model(**inputs, transformer_options=options)
+    assert options == {OVERRIDE: other} and len(seen) == 3 + 2 * 2  # every attention call reached it
+    assert_network_close(got, _slow(model, inputs, chosen, 2.0))
+
+
+def test_the_module_global_is_restored_and_no_hook_outlives_the_block():
+    model = build(seed=11)
+    chosen = resolve_layers("all", available_layers(model))
+    with pytest.raises(RuntimeError, match="interrupted"), blurred_dit_queries(model, chosen, 2.0):
+        assert dit_nextdit.attention_function is not neo_attention  # wrapped while armed
+        raise RuntimeError("interrupted")
+    assert dit_nextdit.attention_function is neo_attention
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_prefix_reuse_skips_the_seg_rows_of_the_layers_before_the_first_blurred_one():

@@ -25,6 +25,7 @@ block compute attention explicitly (softmax of the logits) instead of through th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -66,16 +67,49 @@ def attention_function(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hooks: Hooks, mask: torch.Tensor | None = None):
     """Attention over (B, heads, L, D): :func:`attention_function` (the fused kernel), or
-    softmax(hooks.logits(q k^T / sqrt D)) v."""
+    softmax(hooks.logits(q k^T / sqrt D) + mask) v.  ``mask``: boolean (True attends) or additive."""
     if hooks.seen is not None:
         hooks.seen.update(q=q, k=k, v=v)
     if hooks.logits is None:
         heads = q.shape[1]  # back to (B, heads, L, D): the blocks split and project per stream
-        return attention_function(q, k, v, heads, skip_reshape=True).unflatten(-1, (heads, -1)).transpose(1, 2)
+        out = attention_function(q, k, v, heads, mask=mask, skip_reshape=True)
+        return out.unflatten(-1, (heads, -1)).transpose(1, 2)
     logits = hooks.logits(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else logits + mask
     return torch.softmax(logits, dim=-1) @ v
+
+
+OVERRIDE = "optimized_attention_override"
+
+
+def wrap_attn(func: Callable) -> Callable:
+    """Neo >= 2.27's and ComfyUI's decorator of every attention kernel: when the call's
+    ``transformer_options`` hold ``optimized_attention_override``, the call becomes
+    ``override(func, *args, **kwargs)`` (Neo 2.29.1 ``backend/attention.py``, youlijie/sd-webui-forge-classic
+    b3b8a1e5; ComfyUI ``comfy/ldm/modules/attention.py`` ``wrap_attn``)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        options = kwargs.get("transformer_options")
+        override = options.get(OVERRIDE) if isinstance(options, dict) else None
+        return func(*args, **kwargs) if override is None else override(func, *args, **kwargs)
+
+    return wrapper
+
+
+@wrap_attn
+def neo_attention(q, k, v, heads, mask=None, skip_reshape=False, transformer_options=None, hooks=None):
+    """Neo's ``backend.attention.attention_function(q, k, v, heads, mask=None, skip_reshape=False,
+    transformer_options=...)``: q/k/v (B, L, heads*D), or (B, heads, L, D) with ``skip_reshape``; returns
+    (B, L, heads*D).  The model files import it into their module globals and call it by that name at
+    call time (Neo 2.26 de2193d and 2.29 ``backend/nn/lumina.py``, ``anima.py``, ``krea.py``, ``qwen21.py``).
+    ``hooks`` is the tests' own extra (the slow reference's logit hook and the q/k/v record)."""
+    if not skip_reshape:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return attend(q, k, v, hooks or Hooks(), mask).transpose(1, 2).flatten(2)
 
 
 class RMSNorm(nn.Module):

@@ -29,8 +29,15 @@ read from it:
   a bare ``Linear``; Lumina 2: ``SiLU`` then ``Linear``), ``x * (1 + scale)``, tanh gates and the
   post-norms ``attention_norm2`` / ``ffn_norm2`` (``lumina.py:118-188``).
 
-``fused=True`` imitates Nunchaku's Z-Image attention (``backend/nn/svdq.py:854-913``): q/k norm and RoPE
-happen inside one kernel, which only reads ``q_norm.weight``, so no q-norm module is ever called.
+Every attention calls ``attention_function(q, k, v, heads, mask, skip_reshape=True, transformer_options=...)``,
+a module global here as in Neo's ``lumina.py`` (2.26 de2193d line 95; 2.29 fdb9c164 alike), with q
+``(B, heads, L, D)`` after the q-norm and RoPE; it is :func:`tests.support.dit_blocks.neo_attention`, wrapped
+by the imitation of ``wrap_attn``.  ``fused=True`` imitates Neo >= 2.27 (youlijie/sd-webui-forge-classic
+fdb9c164 ``backend/nn/lumina.py``): q/k norm and RoPE in one kernel (``ck.rms_rope`` / ``rms_rope1``), which
+only reads ``q_norm.weight``, so no q-norm module is ever called.  ``kernel`` picks how the attention is
+reached: ``"global"`` (the module global, as Neo), ``"attribute"`` (an instance attribute: only
+``wrap_attn``'s override can reach it) or ``"private"`` (a kernel that attends by itself and reaches no
+seam, as a Nunchaku build may).
 ``patch_attr`` sets a wrong ``patch_size`` attribute (the model still patchifies by ``patch``).
 Every attention honours its :class:`tests.support.dit_blocks.Hooks` (``attention.hooks``) for the slow
 logit-blur reference.
@@ -42,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend, rope_complex, rope_rotations
+from tests.support.dit_blocks import Hooks, attend, neo_attention, rope_complex, rope_rotations
+
+attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
 AXES = (4, 6, 6)  # three RoPE axes summing to the head width (hidden 32 / 2 heads); Z-Image 32/48/48
 THETA = 256.0  # Z-Image's rope_theta (Lumina 2: 10000)
@@ -53,9 +62,12 @@ def _rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class JointAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_norm: bool, fused: bool = False):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_norm: bool, fused: bool = False, kernel="global"):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.fused = heads, kv_heads, dim // heads, fused
+        self.kernel = kernel
+        if kernel == "attribute":
+            self.attention_function = neo_attention
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(heads * self.head_dim, dim, bias=False)
         if qk_norm:
@@ -69,7 +81,7 @@ class JointAttention(nn.Module):
         batch, length, _ = x.shape
         sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         q, k, v = (t.reshape(batch, length, -1, self.head_dim) for t in self.qkv(x).split(sizes, dim=-1))
-        if self.fused:  # Nunchaku: norm and rotation inside the kernel, no module called
+        if self.fused and isinstance(self.q_norm, nn.RMSNorm):  # Neo >= 2.27 ck.rms_rope: no module called
             q, k = _rms(q, self.q_norm.weight), _rms(k, self.k_norm.weight)
         else:
             q = self.q_norm(q)
@@ -77,8 +89,13 @@ class JointAttention(nn.Module):
         q, k = rope_complex(q, freqs_cis), rope_complex(k, freqs_cis)  # (B, L, H, D) x (B, L, 1, D/2, 2, 2)
         repeat = self.heads // self.kv_heads
         k, v = (t.repeat_interleave(repeat, dim=2) for t in (k, v))
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.hooks)  # (B, H, L, D)
-        return self.out(out.transpose(1, 2).flatten(2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+        if self.kernel == "private":
+            return self.out(attend(q, k, v, self.hooks).transpose(1, 2).flatten(2))
+        kernel = self.attention_function if self.kernel == "attribute" else attention_function
+        options = transformer_options
+        out = kernel(q, k, v, self.heads, None, skip_reshape=True, transformer_options=options, hooks=self.hooks)
+        return self.out(out)
 
 
 class FeedForward(nn.Module):
@@ -92,9 +109,9 @@ class FeedForward(nn.Module):
 
 
 class JointTransformerBlock(nn.Module):
-    def __init__(self, dim, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn_hidden, fused=False):
+    def __init__(self, dim, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn_hidden, fused, kernel):
         super().__init__()
-        self.attention = JointAttention(dim, heads, kv_heads, qk_norm, fused)
+        self.attention = JointAttention(dim, heads, kv_heads, qk_norm, fused, kernel)
         self.feed_forward = FeedForward(dim, ffn_hidden)
         self.attention_norm1, self.attention_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.ffn_norm1, self.ffn_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
@@ -172,6 +189,7 @@ class TinyNextDiT(nn.Module):
         pad_multiple: int | None = 4,
         qk_norm: bool = True,
         fused: bool = False,
+        kernel: str = "global",
         patch_attr: int | None = None,
         adaln_dim: int = 16,
         ffn_hidden: int | None = None,
@@ -186,7 +204,9 @@ class TinyNextDiT(nn.Module):
 
         def block(modulation: bool) -> JointTransformerBlock:
             ffn = 2 * hidden if ffn_hidden is None else ffn_hidden
-            return JointTransformerBlock(hidden, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn, fused)
+            return JointTransformerBlock(
+                hidden, heads, kv_heads, qk_norm, modulation, z_image, adaln_dim, ffn, fused, kernel
+            )
 
         self.x_embedder = nn.Linear(patch * patch * channels, hidden)
         self.noise_refiner = nn.ModuleList(block(True) for _ in range(refiners))

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, ClassVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lib_seg.dit import layers as dit_layers
+from lib_seg.dit.attention_call import AttentionCalls, CallShape, ImageTokens, Skip
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows
+
+__all__ = ["AttentionCallFamily", "CallShape", "DitFamily", "ImageTokens", "Skip"]
+OPTIONS = "transformer_options"
 
 SkipCallback = Callable[..., None]  # (layer, n_tokens, grid=None[, reason])
 
@@ -120,3 +125,97 @@ def skipped(
     if on_skip is not None:
         on_skip(layer, int(n_tokens), grid, *(() if reason is None else (reason,)))
     return None
+
+
+def override_injector(calls: AttentionCalls):
+    """Model pre-hook: the call's ``transformer_options`` (keyword, positional, or absent where ``forward``
+    takes them) replaced by a copy that carries SEG's attention override (:meth:`AttentionCalls.with_override`);
+    the caller's dict is never changed."""
+
+    def pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if isinstance(kwargs.get(OPTIONS), dict):
+            return args, {**kwargs, OPTIONS: calls.with_override(kwargs[OPTIONS])}
+        try:
+            position = list(inspect.signature(model.forward).parameters).index(OPTIONS)
+        except (TypeError, ValueError):
+            return None
+        if position >= len(args) and OPTIONS not in kwargs:
+            return args, {**kwargs, OPTIONS: calls.with_override({})}
+        if position < len(args) and isinstance(args[position], dict):
+            return (*args[:position], calls.with_override(args[position]), *args[position + 1 :]), kwargs
+        return None
+
+    return pre_hook
+
+
+def seam_namespaces(module: nn.Module, via: Iterable[str] = ()) -> list[dict]:
+    """The module globals an attention module's class calls its attention function through: those of its
+    ``forward`` and, for each name in ``via`` found there, those of that function (Flux's ``attention()``,
+    which rotates q and then calls the kernel)."""
+    forward = inspect.unwrap(type(module).forward)
+    namespace = getattr(forward, "__globals__", None)
+    if not isinstance(namespace, dict):
+        return []
+    found = [namespace]
+    for name in via:
+        inner = getattr(inspect.unwrap(namespace[name]), "__globals__", None) if callable(namespace.get(name)) else None
+        if isinstance(inner, dict) and all(inner is not seen for seen in found):
+            found.append(inner)
+    return found
+
+
+class AttentionCallFamily(DitFamily):
+    """A family whose chosen blocks are blurred at their self/joint attention call
+    (:mod:`lib_seg.dit.attention_call`).  A subclass says which submodule of a block runs that attention
+    (:attr:`attention`), which module-global names its file calls the kernel by (:attr:`seams`), what one
+    model call tells it (:meth:`record`) and where the image lies in each attention call (:meth:`locate`)."""
+
+    attention: ClassVar[dict[str, str]] = {}  # kind -> the block's submodule that runs its self/joint attention
+    seams: tuple[str, ...] = ("attention_function",)  # module-global kernel names (Neo: ``backend.attention``)
+    via: tuple[str, ...] = ()  # module-global helpers that call the kernel from their own module
+
+    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> Any:
+        """Register, into ``handles``, the hooks that record what one model call tells :meth:`locate`; return
+        the record (the family's own object)."""
+        raise NotImplementedError
+
+    def locate(self, record: Any, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens | None:
+        """Where the image lies in this attention call of ``layer`` (None: another of its calls; raise
+        :class:`Skip` when it cannot be placed)."""
+        raise NotImplementedError
+
+    def attention_module(self, model: nn.Module, layer: DitLayer) -> nn.Module:
+        block = self.block(model, layer)
+        path = self.attention.get(layer.kind, "")
+        return submodules(block, layer, [path])[0] if path else block
+
+    def arm(
+        self,
+        model: nn.Module,
+        layers: Iterable[DitLayer],
+        sigma: float,
+        rows: Rows,
+        on_skip: SkipCallback | None,
+        handles: list[RemovableHandle],
+    ) -> None:
+        calls = AttentionCalls(sigma, on_skip)
+        record = self.record(model, handles)
+        handles.append(model.register_forward_pre_hook(override_injector(calls), with_kwargs=True))
+        for layer in layers:
+            module = self.attention_module(model, layer)
+            for namespace in seam_namespaces(module, self.via):
+                handles.extend(w for name in self.seams if (w := calls.wrap(namespace, name)) is not None)
+            handles.extend(_expecting(module, layer, calls, partial(self.locate, record, layer, rows=rows)))
+
+
+def _expecting(module: nn.Module, layer: DitLayer, calls: AttentionCalls, locate) -> list[RemovableHandle]:
+    """The pre-hook that arms ``layer``'s blur when ``module`` is called, and the hook that reports it when
+    the module returns without having made the attention call."""
+
+    def expect(_module: nn.Module, _args: tuple) -> None:
+        calls.expect(layer, lambda shape: locate(shape))
+
+    def finish(_module: nn.Module, _args: tuple, _output: Any) -> None:
+        calls.finish(layer)
+
+    return [module.register_forward_pre_hook(expect), module.register_forward_hook(finish, always_call=True)]

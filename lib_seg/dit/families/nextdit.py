@@ -10,16 +10,15 @@ of 32 where the checkpoint has ``cap_pad_token``; width 2304 = Lumina 2: 24 head
   the joint ``[caption | caption pad | image | image pad]`` sequence with no mask (``lumina.py:382,
   413-414``).  Caption, pad tokens, all keys and values stay as they are.  The ``context_refiner``
   (caption only) and ``noise_refiner`` (image only, before any text is seen) layers are not blocks here.
-* Hook point: ``layers[i].attention.q_norm`` (``nn.RMSNorm`` on ``(B, L, heads, D)``, called as a module,
-  ``lumina.py:86``); comfy-kitchen's ``apply_rope`` follows inside ``JointAttention.forward``, where no
-  extension reaches.  The hook writes ``R^-1 blur(R q)`` (:func:`lib_seg.dit.queries.blur_before_rope`)
-  with the ``freqs_cis`` the attention was called with: Flux's 2x2 rotations, moved to ``(B, L, 1, D/2,
-  2, 2)`` (``lumina.py:372``), so the host's own rotation gives exactly the blurred post-RoPE queries
-  (up to rounding: Neo casts the rotations to the latent's dtype, so in bf16 ``R^T`` is R's inverse
-  to bf16 precision only).
-  Without ``qk_norm`` Neo shares one ``nn.Identity`` as q- and k-norm: only its first call in each
-  attention call (q, ``lumina.py:86-87``) is blurred.  Nunchaku's Z-Image attention (``svdq.py:854-913``)
-  norms and rotates inside its GEMM and never calls the q-norm: such a block is reported, not blurred.
+* Hook point: the main layer's ``attention`` call of ``attention_function(q, k, v, heads, mask,
+  skip_reshape=True, transformer_options=...)``, a module-global of ``lumina.py`` looked up at call time, with
+  q ``(B, heads, L, D)`` normalised and rotated already (:mod:`lib_seg.dit.attention_call`).  The same seam
+  serves Neo 2.26 (``q_norm`` module, then comfy-kitchen's ``apply_rope``, ``lumina.py:86-95``) and Neo
+  2.27+, where q-norm and RoPE are one fused kernel (``ck.rms_rope`` / ``rms_rope1`` for grouped k/v heads;
+  youlijie/sd-webui-forge-classic fdb9c164 ``backend/nn/lumina.py``) and no q-norm module is called; on
+  2.27+ ``wrap_attn`` also honours SEG's ``optimized_attention_override``.  No RoPE is undone, so the
+  blur is exact in every dtype.  An attention that reaches neither seam (a kernel that attends by itself)
+  is reported, never silently skipped.
 * Geometry, from the model and the call: the patch side is the model's ``patch_size`` (or
   ``x_embedder``'s width); odd sides are padded (``pad_to_patch_size``), grid ``ceil(H / p) x ceil(W / p)``;
   the image starts after the caption, ``context.shape[1]`` rounded up to the model's
@@ -31,7 +30,6 @@ of 32 where the checkpoint has ``cap_pad_token``; width 2304 = Lumina 2: 24 head
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -40,9 +38,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
 from lib_seg.dit.layers import DitLayer
-from lib_seg.dit.queries import Rows, blur_before_rope
+from lib_seg.dit.queries import Rows
 
-from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
 
 # Main ``layers`` of the released models (each also has 2 noise_refiner + 2 context_refiner layers).
 RELEASED: dict[str, int] = {
@@ -81,7 +79,7 @@ def _z_image_modulation(model: nn.Module) -> bool:
 
 
 class _Call(CallFacts):
-    """What one model call tells the hooks: latent, caption length, position ids, each layer's rotations."""
+    """What one model call tells :meth:`NextDiTFamily.locate`: the latent, the caption length, position ids."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -91,8 +89,6 @@ class _Call(CallFacts):
         self.latent: tuple[int, int, int] | None = None  # (C, H, W)
         self.n_context: int | None = None
         self.ids: torch.Tensor | None = None
-        self.freqs: dict[DitLayer, Any] = {}
-        self.pending: dict[DitLayer, bool] = {}  # attention called, its q-norm not yet
         self._where: Where | str | None = None
 
     def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -127,45 +123,13 @@ class _Call(CallFacts):
         return grid, n_cap
 
 
-def _hooks(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
-    """The attention's pre- and post-hook and the q-norm's forward hook of one chosen layer."""
-
-    def before(attention: nn.Module, args: tuple, kwargs: dict) -> None:
-        call.freqs[layer] = arguments(attention, args, kwargs).get("freqs_cis")
-        call.pending[layer] = True
-
-    def after(_attention: nn.Module, args: tuple, _output: Any) -> None:
-        if call.pending.pop(layer, False):  # the q-norm was never called: a fused kernel
-            n_tokens = args[0].shape[1] if args and torch.is_tensor(args[0]) and args[0].dim() == 3 else 0
-            reason = "its attention never called the q-norm module (a fused kernel, such as Nunchaku's)"
-            skipped(on_skip, layer, n_tokens, None, reason)
-
-    def on_q(_norm: nn.Module, _args: tuple, q: Any) -> Any:
-        if not call.pending.pop(layer, False):  # a shared Identity's second call (k), or outside attention
-            return None
-        where = call.where()
-        if isinstance(where, str):
-            return skipped(on_skip, layer, q.shape[1], None, where)
-        grid, n_cap = where
-        freqs = call.freqs.get(layer)
-        fits = torch.is_tensor(freqs) and freqs.dim() == 6 and q.dim() == 4 and freqs.shape[1:3] == (q.shape[1], 1)
-        if not fits:
-            return skipped(on_skip, layer, q.shape[1], grid, "no RoPE rotations of its tokens reached the attention")
-        image = slice(n_cap, n_cap + grid[0] * grid[1])
-        if image.stop > q.shape[1]:
-            return skipped(on_skip, layer, q.shape[1], grid)
-        blurred = blur_before_rope(q.transpose(1, 2), freqs.transpose(1, 2), image, grid, sigma, rows)
-        return blurred.transpose(1, 2).contiguous()
-
-    return before, after, on_q
-
-
-class NextDiTFamily(DitFamily):
+class NextDiTFamily(AttentionCallFamily):
     """Lumina Image 2 / Neta Lumina: ``layers`` (``l``) after ``noise_refiner`` and ``context_refiner``."""
 
     name, title = "lumina2", "Lumina Image 2 / Neta Lumina"
     kinds = ("layer",)
     attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
+    attention: ClassVar[dict[str, str]] = {"layer": "attention"}
     default = None
     default_source = (
         "no published SEG, PAG or skip-layer choice for NextDiT: the middle layer, l13 of Neta Lumina's 26 "
@@ -175,27 +139,20 @@ class NextDiTFamily(DitFamily):
     def matches(self, model: Any) -> bool:
         return _is_nextdit(model) and not _z_image_modulation(model)
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
+    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
         call = _Call(model)
         handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
         embedder = getattr(model, "rope_embedder", None)
         if isinstance(embedder, nn.Module):
             handles.append(embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        for layer in layers:
-            attention = self.block(model, layer).attention
-            before, after, on_q = _hooks(layer, call, sigma, rows, on_skip)
-            (norm,) = submodules(attention, layer, ["q_norm"])
-            handles.append(attention.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(attention.register_forward_hook(after))
-            handles.append(norm.register_forward_hook(on_q))
+        return call
+
+    def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
+        where = record.where()
+        if isinstance(where, str):
+            raise Skip(where)
+        grid, n_cap = where
+        return ImageTokens(n_cap, grid, rows=rows)
 
 
 class ZImageFamily(NextDiTFamily):
