@@ -133,11 +133,11 @@ class AttentionCalls:
         """The next attention call belongs to ``layer``; ``locate`` places its image tokens."""
         self._pending = (layer, locate)
 
-    def finish(self, layer: DitLayer) -> None:
+    def finish(self, layer: DitLayer, n_tokens: int = 0) -> None:
         """``layer``'s attention module returned: report it if its attention call never came."""
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == layer:
-            self.skip(layer, 0, None, NEVER_CALLED)
+            self.skip(layer, n_tokens, None, NEVER_CALLED)
 
     def skip(self, layer: DitLayer, n_tokens: int, grid: tuple | None, reason: str | None = None) -> None:
         if self.on_skip is not None:

@@ -153,7 +153,7 @@ def test_a_layer_whose_attention_seam_cannot_be_reached_is_skipped():
     chosen = resolve_layers("l1", available_layers(model))
     got = _seg(model, inputs, chosen, 2.0, on_skip=lambda *a: skips.append(a))
     assert torch.equal(got, _call(model, inputs))
-    assert skips == [(DitLayer("layer", 1), 20 + N_TXT, None, skips[0][3])] and "attention_function" in skips[0][3]
+    assert skips == [(DitLayer("layer", 1), 20 + N_TXT, None, skips[0][3])] and "never reached SEG" in skips[0][3]
 
 
 def test_the_seam_is_restored_when_the_call_fails():

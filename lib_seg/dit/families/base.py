@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -213,9 +214,10 @@ def _expecting(module: nn.Module, layer: DitLayer, calls: AttentionCalls, locate
     the module returns without having made the attention call."""
 
     def expect(_module: nn.Module, _args: tuple) -> None:
-        calls.expect(layer, lambda shape: locate(shape))
+        calls.expect(layer, locate)
 
-    def finish(_module: nn.Module, _args: tuple, _output: Any) -> None:
-        calls.finish(layer)
+    def finish(_module: nn.Module, args: tuple, _output: Any) -> None:
+        x = args[0] if args else None
+        calls.finish(layer, x.shape[-2] if torch.is_tensor(x) and x.dim() == 3 else 0)  # (B, L, C) tokens
 
     return [module.register_forward_pre_hook(expect), module.register_forward_hook(finish, always_call=True)]

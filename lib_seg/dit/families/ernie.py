@@ -15,11 +15,9 @@ shared by all), full self-attention over ``cat(image, text)`` (image first, line
   inverse multiplies bf16 rounding by 10^4 there.  The hook is therefore after RoPE, exact in any dtype.
 * Hook point: ``ErnieImageAttention.forward`` (lines 114-135) calls ``attention_function(q, k, v, heads,
   mask=...)`` by its module-global name, looked up at call time, with q ``(B, L, heads * D)`` after RoPE; no
-  module sits between RoPE and that call.  While armed, that name in the attention class's module globals
-  is wrapped (restored on removal, never clobbering a later wrapper); the wrapper blurs q only during the
-  chosen layers' ``self_attention`` calls (a pre-hook marks them) and passes every other call through, so
-  the host's own attention kernel runs on the blurred q.  Where the name is not found, the layer is skipped
-  with a warning.
+  module sits between RoPE and that call.  That is the attention-call seam every family uses
+  (:mod:`lib_seg.dit.attention_call`): the chosen layers' ``self_attention`` calls are blurred, every other
+  call passes, and a chosen layer whose call never reached the seam is reported.
 * Geometry: the patch is the model's ``patch_size`` (else ``x_embedder``'s); the patch embedding is a
   stride-``p`` convolution without pad, so the grid is ``(H // p) x (W // p)``; the image is the first
   ``N`` tokens, the text the call's ``context`` length after it; the model's own position ids
@@ -30,8 +28,6 @@ shared by all), full self-attention over ``cat(image, text)`` (image first, line
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -40,14 +36,13 @@ from torch.utils.hooks import RemovableHandle
 
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.layers import DitLayer
-from lib_seg.dit.queries import Rows, blur_image_queries
+from lib_seg.dit.queries import Rows
 
-from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
 
 # Released layer count: baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36
 # (Neo ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
 RELEASED = {"ernie-image": 36, "ernie-image-turbo": 36}
-SEAM = "attention_function"  # the module-global name Neo's ErnieImageAttention calls
 
 
 def model_patch(model: nn.Module) -> int | None:
@@ -72,37 +67,11 @@ def ids_on_grid(positions: torch.Tensor, grid: tuple[int, int]) -> bool:
     return flat and bool((rows.diff(dim=1) > 0).all() and (cols.diff(dim=2) > 0).all())
 
 
-class _Seam:
-    """``attention_function`` in one module's globals, wrapped: blurs q only while ``blur`` is set."""
-
-    def __init__(self, namespace: dict):
-        self.namespace, self.original = namespace, namespace[SEAM]
-        self.blur: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
-        self.wrapper = self.attention  # one bound method: removal compares by identity
-        namespace[SEAM] = self.wrapper
-
-    def attention(self, q, k, v, heads, *args, **kwargs):
-        blur, self.blur = self.blur, None  # one attention call per marked layer
-        return self.original(q if blur is None else blur(q, kwargs), k, v, heads, *args, **kwargs)
-
-    def remove(self) -> None:
-        self.blur = None
-        if self.namespace.get(SEAM) is self.wrapper:
-            self.namespace[SEAM] = self.original
-
-
-def _namespace(attention: nn.Module) -> dict | None:
-    forward = inspect.unwrap(type(attention).forward)
-    namespace = getattr(forward, "__globals__", None)
-    return namespace if isinstance(namespace, dict) and callable(namespace.get(SEAM)) else None
-
-
 class _Call(CallFacts):
     """What one model call tells the layers: latent, text length, position ids."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.seams: list[_Seam] = []
         self.reset()
 
     def reset(self) -> None:
@@ -110,8 +79,6 @@ class _Call(CallFacts):
         self.n_txt: int | None = None
         self.ids: torch.Tensor | None = None
         self._where: tuple | str | None = None
-        for seam in self.seams:
-            seam.blur = None
 
     def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self.reset()
@@ -140,40 +107,13 @@ class _Call(CallFacts):
         return grid, self.n_txt
 
 
-def _marker(layer: DitLayer, call: _Call, seam: _Seam | None, sigma: float, rows: Rows, on_skip: SkipCallback | None):
-    """Pre-hook on a chosen layer's ``self_attention``: arm the seam for its one attention call."""
-
-    def blur(q: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        layout = "bhld" if kwargs.get("skip_reshape") else "bld"
-        length = q.shape[2 if layout == "bhld" else 1]
-        where = call.where()
-        if isinstance(where, str):
-            skipped(on_skip, layer, length, None, where)
-            return q
-        grid, n_txt = where
-        if q.dim() != (4 if layout == "bhld" else 3) or length != grid[0] * grid[1] + n_txt:
-            skipped(on_skip, layer, length, grid)
-            return q
-        return blur_image_queries(q, slice(0, grid[0] * grid[1]), grid, sigma, layout, rows)
-
-    def pre_hook(attention: nn.Module, args: tuple, kwargs: dict) -> None:
-        if seam is None:
-            x = arguments(attention, args, kwargs).get("x")
-            length = x.shape[1] if torch.is_tensor(x) and x.dim() == 3 else 0
-            reason = f"its attention calls no module-global {SEAM} that SEG can reach"
-            skipped(on_skip, layer, length, None, reason)
-        else:
-            seam.blur = blur
-
-    return pre_hook
-
-
-class ErnieImageFamily(DitFamily):
+class ErnieImageFamily(AttentionCallFamily):
     """Ernie-Image: ``layers`` of single-stream self-attention over ``[image | text]``; the letter is ``l``."""
 
     name, title = "ernie", "Ernie-Image"
     kinds = ("layer",)
     attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
+    attention: ClassVar[dict[str, str]] = {"layer": "self_attention"}
     default = None
     default_source = (
         "no published Ernie-Image SEG, PAG or skip-layer choice: the middle layer, l18 of the released 36 "
@@ -187,33 +127,20 @@ class ErnieImageFamily(DitFamily):
         modules = dict(model.layers[0].named_modules())
         return own and all(name in modules for name in ("adaLN_sa_ln", "self_attention.norm_q", "mlp"))
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
+    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
         call = _Call(model)
         handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
         handles.append(model.pos_embed.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        seams: dict[int, _Seam] = {}
-        for layer in layers:
-            attention = submodules(self.block(model, layer), layer, ["self_attention"])[0]
-            namespace = _namespace(attention)
-            if namespace is not None and id(namespace) not in seams:
-                seams[id(namespace)] = seam = _Seam(namespace)
-                call.seams.append(seam)
-                handles.append(seam)  # removed with the hooks: restores the host's function
-            seam = seams.get(id(namespace)) if namespace is not None else None
-            marker = _marker(layer, call, seam, sigma, rows, on_skip)
-            handles.append(attention.register_forward_pre_hook(marker, with_kwargs=True))
-            if seam is not None:  # a forward that never reached the seam must not leave it armed for the next
-                handles.append(
-                    attention.register_forward_hook(lambda *_, s=seam: setattr(s, "blur", None), always_call=True)
-                )
+        return call
+
+    def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
+        where = record.where()
+        if isinstance(where, str):
+            raise Skip(where)
+        grid, n_txt = where
+        if call.queries != grid[0] * grid[1] + n_txt:
+            raise Skip(f"{call.queries} queries are not {grid[0]}x{grid[1]} image and {n_txt} text tokens")
+        return ImageTokens(0, grid, rows=rows)
 
 
 ERNIE = ErnieImageFamily()
