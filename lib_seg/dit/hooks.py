@@ -66,6 +66,7 @@ def blurred_dit_queries(
     handles: list[RemovableHandle] = []
     try:
         family.arm(model, list(layers), sigma, rows, on_skip, handles)
+        family.watch(model, list(layers), on_skip, handles)
         yield
     finally:
         for handle in handles:

@@ -8,6 +8,7 @@ both must give the same model output to FLOAT64_NETWORK_REL (tests/support/toler
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -173,3 +174,25 @@ def test_families_and_their_blocks():
         blurred_dit_queries(torch.nn.Linear(2, 2), [], 2.0),
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "norm"), [("flux", "d1", "img_attn.norm"), ("sd3_pad", "j1", "x_block.attn.ln_q")]
+)
+def test_a_chosen_block_whose_q_norm_never_runs_is_reported_not_silently_skipped(name, spec, norm):
+    """A fused kernel that normalises q without calling the hooked q-norm module (what Neo 2.27 did to
+    Anima, Z-Image and Lumina 2): the block is reported after the call, and the output is the plain one."""
+    model, inputs, skips = _build(name), _inputs((6, 6)), []
+    chosen = resolve_layers(spec, available_layers(model))
+    plain = _call(model, inputs)
+    block = model.get_submodule(f"{'double_blocks' if name == 'flux' else 'joint_blocks'}.1")
+    parent, attribute = block.get_submodule(norm.rsplit(".", 1)[0]), norm.rsplit(".", 1)[1]
+    hooked = getattr(parent, attribute)
+    with blurred_dit_queries(model, chosen, 2.0, on_skip=lambda *a: skips.append(a)):
+        fused = copy.deepcopy(hooked)
+        fused._forward_hooks.clear()  # the call now runs a module SEG never hooked
+        setattr(parent, attribute, fused)
+        got = _call(model, inputs)
+        setattr(parent, attribute, hooked)
+    assert torch.equal(got, plain)
+    assert [s[0] for s in skips] == list(chosen) and all("never ran" in s[3] for s in skips)

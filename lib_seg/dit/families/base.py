@@ -39,6 +39,9 @@ class DitFamily:
     default: str | None = None  # the published default spec, used when the model has those blocks
     default_source = ""  # where :attr:`default` comes from
     prefix_reuse = True  # may the SEG rows skip the blocks before the first blurred one (lib_seg.dit.prefix)
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {}  # kind -> the block's submodules whose forward
+    # hook blurs (a q-norm); :meth:`watch` reports a chosen block none of which ran in a model call
+    never_ran = "its q-norm module never ran in this call (a fused kernel); SEG could not blur it"
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError
@@ -76,6 +79,26 @@ class DitFamily:
         """Register, into ``handles``, the hooks by which calls of ``model`` blur ``layers``' image queries
         (into the list as they are made, so the caller can remove them all even if this raises)."""
         raise NotImplementedError
+
+    def watch(self, model: nn.Module, layers: Iterable[DitLayer], on_skip: SkipCallback | None, handles: list) -> None:
+        """Report, after each model call, every chosen block none of whose :attr:`query_modules` ran: a q-norm
+        hook that never fires is a block SEG silently left alone (a fused kernel took its place)."""
+        fired: set[DitLayer] = set()
+        layers = [layer for layer in layers if layer.kind in self.query_modules]
+        for layer in layers:
+            names = self.query_modules[layer.kind]
+            for module in submodules(self.block(model, layer), layer, names):
+                handles.append(module.register_forward_hook(lambda *_, layer=layer: fired.add(layer)))
+
+        def report(_model: nn.Module, _args: tuple, _output: Any) -> None:
+            for layer in layers:
+                if layer not in fired:
+                    skipped(on_skip, layer, 0, None, self.never_ran)
+            fired.clear()
+
+        if layers:
+            handles.append(model.register_forward_pre_hook(lambda *_: fired.clear()))
+            handles.append(model.register_forward_hook(report))
 
 
 class CallFacts:

@@ -133,7 +133,7 @@ class FluxFamily(DitFamily):
         "ComfyUI's SkipLayerGuidanceDiT defaults (double 7, 8, 9; single 7, 8, 9; comfy_extras/nodes_slg.py); "
         "no published Flux SEG or PAG choice exists"
     )
-    norms: ClassVar[dict[str, str]] = {"double": "img_attn.norm", "single": "norm"}
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"double": ("img_attn.norm",), "single": ("norm",)}
 
     def matches(self, model: Any) -> bool:
         return has_blocks(model, "double_blocks", "single_blocks")
@@ -158,7 +158,7 @@ class FluxFamily(DitFamily):
             block = self.block(model, layer)
             handles.append(block.register_forward_pre_hook(call.pe_recorder(layer), with_kwargs=True))
             hook = _hook(layer, call, sigma, rows, on_skip)
-            norms = submodules(block, layer, [self.norms[layer.kind]])
+            norms = submodules(block, layer, self.query_modules[layer.kind])
             handles.extend(norm.register_forward_hook(hook) for norm in norms)
 
 

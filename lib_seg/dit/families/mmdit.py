@@ -14,7 +14,7 @@ latent and the query count: every host pads odd sides except Forge 2.x's MMDiTX 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ def _hook(layer: DitLayer, latent: _Latent, sigma: float, rows: Rows, on_skip: S
 class MMDiTFamily(DitFamily):
     name, title = "mmdit", "SD3 / SD3.5"
     kinds = ("joint",)
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"joint": ("x_block.attn.ln_q", "x_block.attn2.ln_q")}
     default = dit_layers.SD3_DEFAULT
     default_source = (
         "Stability's skip-layer guidance for SD3.5 Medium (sd3_infer.py), ComfyUI's SkipLayerGuidanceSD3, "
@@ -85,7 +86,7 @@ class MMDiTFamily(DitFamily):
         for layer in layers:
             block = self.block(model, layer)
             hook = _hook(layer, latent, sigma, rows, on_skip)
-            names = ["x_block.attn.ln_q", "x_block.attn2.ln_q"]
+            names = self.query_modules["joint"]
             handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, names))
 
 

@@ -123,6 +123,7 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
 class PixelDiTFamily(DitFamily):
     """PixelDiT / PiD: ``patch_blocks`` (``j``, MMDiT joint) then ``pixel_blocks`` (``b``, image self-attention)."""
 
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {kind: (name,) for kind, name in NORMS.items()}
     name, title = "pixeldit", "PixelDiT / PiD"
     kinds = ("joint", "block")
     attributes: ClassVar[dict[str, str]] = {"joint": "patch_blocks", "block": "pixel_blocks"}

@@ -72,7 +72,6 @@ class _Call:
         self.latent: tuple[int, int, int] | None = None  # (C, H, W)
         self.ids: torch.Tensor | None = None
         self.attention: dict[DitLayer, tuple[Any, int | None]] = {}
-        self.ran: set[DitLayer] = set()
         self._grids: dict[int, tuple[int, int] | str] = {}
 
     def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -132,7 +131,6 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
     """Forward hook on ``attn.norm_q``: ``q -> R^-1 blur(R q)`` on the image tokens of the image stream."""
 
     def hook(_norm: nn.Module, _args: tuple, q: Any) -> Any:
-        call.ran.add(layer)
         if not torch.is_tensor(q) or q.dim() != 4:
             return skipped(on_skip, layer, 0, None, "its norm_q returned no (B, L, heads, D) queries")
         pe, n_txt = call.attention.get(layer, (None, None))
@@ -166,6 +164,8 @@ class QwenImageFamily(DitFamily):
         "the middle block, j30 of Qwen-Image's 60"
     )
     signature = ("img_mod", "txt_mod", "attn.norm_q", "attn.norm_added_q")  # what a Qwen-Image block has
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"joint": ("attn.norm_q",)}
+    never_ran = OFFLOADED
 
     def matches(self, model: Any) -> bool:
         if not has_blocks(model, "transformer_blocks") or not len(model.transformer_blocks):
@@ -195,13 +195,6 @@ class QwenImageFamily(DitFamily):
             attn, norm = submodules(block, layer, ["attn"])[0], submodules(block, layer, ["attn.norm_q"])[0]
             handles.append(attn.register_forward_pre_hook(call.attention_recorder(layer), with_kwargs=True))
             handles.append(norm.register_forward_hook(_hook(layer, call, sigma, rows, on_skip)))
-
-        def after(_model: nn.Module, _args: tuple, _output: Any) -> None:
-            for layer in layers:
-                if layer not in call.ran:
-                    skipped(on_skip, layer, 0, None, OFFLOADED)
-
-        handles.append(model.register_forward_hook(after))
 
 
 QWEN_IMAGE = QwenImageFamily()

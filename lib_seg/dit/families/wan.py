@@ -219,6 +219,7 @@ class WanFamily(DitFamily):
     name, title = "wan", "Wan 2.1 / 2.2"
     kinds = ("block",)
     attributes: ClassVar[dict[str, str]] = {"block": "blocks"}
+    query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"block": ("self_attn.norm_q",)}
     default = None
     default_source = (
         "no published Wan SEG or PAG block choice was found, and Neo's tree names no skip-layer block (KJNodes' "
@@ -249,7 +250,8 @@ class WanFamily(DitFamily):
             block = self.block(model, layer)
             handles.append(block.register_forward_pre_hook(call.freqs_recorder(layer), with_kwargs=True))
             hook = _hook(layer, call, sigma, rows, on_skip)
-            handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, ["self_attn.norm_q"]))
+            norms = submodules(block, layer, self.query_modules["block"])
+            handles.extend(norm.register_forward_hook(hook) for norm in norms)
 
 
 WAN = WanFamily()
