@@ -133,9 +133,17 @@ def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.
     flash/xformers attention, ``area * 0.15 * factor`` otherwise); Neo batches its own chunks with no
     margin, we keep ComfyUI's 1.5x on every host because the SEG rows are an addition the host did not
     plan for.  Without either function the answer is no, and SEG makes its separate pass; an OOM in the
-    batched call also falls back to it (:mod:`lib_seg.forge.seg_pass`).
+    batched call also falls back to it (:mod:`lib_seg.forge.seg_pass`).  Neo 2.29 doubled its estimate
+    (``area * s * 0.02 * factor`` MiB, ``s`` 8 for basic attention, else the compute dtype's size;
+    ``backend/modules/k_model.py:60-66``): asking the host's own function follows it, whatever the version.
+
+    One exception: while Neo's "Never OOM Integrated" streams the UNet's weights for every call
+    (:func:`streams_weights`), the answer is yes without an estimate: a separate SEG call would stream all
+    the weights once more, which costs far more than the extra rows, and an OOM still falls back.
     """
     _require(kind)
+    if streams_weights(kind):
+        return True
     name = "backend.memory_management" if kind in BACKEND_KINDS else "ldm_patched.modules.model_management"
     free_memory = getattr(_module(name), "get_free_memory", None)
     required = getattr(model, "memory_required", None)
@@ -144,17 +152,29 @@ def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.
     return required(list(shape)) * 1.5 < free_memory(device)
 
 
+def streams_weights(kind: str) -> bool:
+    """Whether Neo's "Never OOM Integrated" (2.27+, ``extensions-builtin/sd_forge_neveroom``) has the UNet
+    always offloaded: it sets ``backend.memory_management.UNET_ALWAYS_OFFLOAD``, and every model call then
+    streams the weights to the GPU again."""
+    memory = _module("backend.memory_management") if kind == NEO else None
+    return getattr(memory, "UNET_ALWAYS_OFFLOAD", False) is True
+
+
 def extra_rows_allowed(kind: str) -> bool:
     """Whether SEG may append its rows to the host's main model call.
 
     Not on Neo while its global extra latents are set (``backend.args.dynamic_args.concat_latent``: Wan's
     image-to-video latent; ``ref_latents``: reference images): some of Neo's models size them for the
     host's own batch only (de2193d ``backend/nn/wan.py:392-397`` and ``anima.py:462-466`` repeat a one-row
-    latent only ``if x.shape[0] == 2``), so a call with extra rows fails in the host.  SEG then makes its
-    separate call (same result, one more model call per step).
+    latent only ``if x.shape[0] == 2``), so a call with extra rows fails in the host.  Nor while Neo's "Batch
+    Cond/Uncond" option (2.29, ``modules.shared.batch_cond_uncond``) is off: the user asked the host to run
+    one condition per call (its ``can_concat_cond`` then says no, ``sampling_function.py:95-97``), and SEG
+    keeps to it.  SEG then makes its separate call (same result, one more model call per step).
     """
     _require(kind)
     if kind != NEO:
         return True
+    if getattr(_module("modules.shared"), "batch_cond_uncond", True) is False:
+        return False
     dynamic = getattr(_module("backend.args"), "dynamic_args", None)
     return getattr(dynamic, "concat_latent", None) is None and not getattr(dynamic, "ref_latents", None)
