@@ -8,6 +8,11 @@ cases that need Neo's globals or extra conds (Flux Kontext, Klein / Qwen-Image-E
 references, Wan's ``time_dim_concat`` and 2.1 i2v, PixelDiT and PiD's LQ latent) are covered by
 ``dit_backend_smoke --host neo`` only.  The family, its blocks and the two settings checked (a finite blur on
 the middle block(s), the mean on all) come from lib_seg's registry (``lib_seg.dit.families.family_of``).
+On the Neo 2.29 hybrid tree (``--host neo229``: 2.29's model files over 2.26's ``sampling_function``,
+``KModel`` and ``UnetPatcher``, see ``tools/_neo229_cases.py`` for the files and commits), the cases of
+``dit_backend_smoke --host neo229`` run through the same Neo calls: Flux, Chroma, Flux.2-Klein (9x13, 8x8),
+Z-Image, Lumina 2, Anima (one, two frames), Krea 2, Qwen-Image 2.1 (no, one and two references, held in
+``dynamic_args`` for the case), Qwen-Image and Wan (one, three frames).
 
 The host's own tiny float64 transformers of ``tools/dit_backend_smoke.py`` are wrapped as the hosts wrap them:
 Forge 2.x ``UnetPatcher.from_model`` (``KModel`` with the engine's predictor: ``PredictionFlux`` for Flux and
@@ -34,10 +39,11 @@ appended; separate: the main call, then one cond-only call), no hooks left on th
 patcher's ``model_options`` untouched, SEG off (disabled, scale 0) bit-identical to no extension, and a layer
 spec the model lacks fails sampling with a ValueError that names the model's blocks.
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR as in dit_backend_smoke):
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR as in dit_backend_smoke):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_adapter_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_adapter_smoke.py --host reforge
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/neo/venv/bin/python tools/dit_adapter_smoke.py --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_adapter_smoke.py --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_adapter_smoke.py --host neo229
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` takes the patcher
 (``UnetPatcher``, ``DitModel`` as KModel runs a DiT), the sampling module (``sampling_function`` /
@@ -72,7 +78,8 @@ SEG_SCALE, SIGMA_T, IMAGES = 3.0, 0.8, smoke.BATCH
 F32_OUTPUT_REL = 2.0**4 * 2.0**-23
 # model_list.py (huggingface_guess): memory_usage_factor and sampling_settings' shift of the family's class
 # (Flux, Flux2K4B, Lumina2, ZImage, QwenImage, WAN21_T2V (dim / 2000 in its __init__), Anima, Krea2,
-# ErnieImage); PredictionFlux reads only the shift, which one step at a given sigma does not use.
+# ErnieImage); PredictionFlux reads only the shift, which one step at a given sigma does not use.  Qwen-Image 2.1
+# (2.29's model_list, not in the hybrid tree) gets the default (1.0, 1.0): only the memory estimate reads it.
 NEO_CONFIGS = {
     "flux": (3.1, 1.15), "flux2": (14.6, 2.02), "lumina2": (1.4, 6.0), "zimage": (2.8, 3.0),
     "qwen": (1.8, 1.15), "wan": (None, 8.0), "anima": (1.32, 3.0), "krea2": (2.2, 1.15), "ernie": (10.0, 3.0),
@@ -109,6 +116,10 @@ class Forge2:
     """Forge 2.x: ``UnetPatcher.from_model`` (KModel) and ``sampling_function(denoiser, params, scale, comp)``."""
 
     output_rel = F32_OUTPUT_REL  # KModel.apply_model casts the prediction to float32
+
+    def rows_ride_along(self) -> bool:
+        """Whether SEG's rows may join the main model call now (Neo: not while reference latents are set)."""
+        return True
 
     def __init__(self):
         import torch
@@ -162,6 +173,9 @@ class ReForge:
 
     output_rel = F32_OUTPUT_REL  # BaseModel._apply_model casts the prediction to float32
 
+    def rows_ride_along(self) -> bool:
+        return True
+
     def __init__(self):
         import torch
         from ldm_patched.modules import conds, samplers
@@ -208,6 +222,9 @@ class Imitation:
 
     output_rel = 0.0  # DitModel keeps the transformer's float64 output
 
+    def rows_ride_along(self) -> bool:
+        return True
+
     def __init__(self):
         from tests.support import forge_host
 
@@ -248,6 +265,15 @@ class Neo(Forge2):
     float64); the reference-image cases are left to dit_backend_smoke (they need Neo's ``ref_latents``)."""
 
     output_rel = F32_OUTPUT_REL
+
+    def rows_ride_along(self) -> bool:
+        """Not while Neo's global extra latents are set (``dynamic_args.ref_latents`` / ``concat_latent``): Anima,
+        Krea 2 and Wan repeat a one-row latent only for a batch of 2, so extra rows would fail in the host;
+        SEG then makes its own call (lib_seg.forge.host.extra_rows_allowed)."""
+        from backend.args import dynamic_args
+
+        return getattr(dynamic_args, "concat_latent", None) is None and not getattr(dynamic_args, "ref_latents", None)
+
     # The cases whose only conditioning is the context tensor (``c_crossattn``); the others need Neo's globals
     # or extra conds (Kontext / Klein / Qwen-Edit / Anima / Krea references, Wan's time_dim_concat and i2v
     # CLIP features + concat latent, PixelDiT / PiD): dit_backend_smoke covers those.
@@ -277,7 +303,25 @@ class Neo(Forge2):
         )
 
 
-APIS = {"forge2": Forge2, "reforge": ReForge, "neo": Neo, smoke.IMITATION: Imitation}
+class Neo229(Neo):
+    """The Neo 2.29 hybrid tree (``tools/_neo229_cases.py``): 2.29's model files over 2.26's sampling function,
+    ``KModel`` and ``UnetPatcher``, which the hybrid keeps, so the calls are ``Neo``'s.  The transformers are
+    ``dit_backend_smoke --host neo229``'s builds.  Besides the context-only cases, Qwen-Image 2.1's
+    references run here: they come from ``dynamic_args`` (held during the case, ``Case.context``) and the
+    model expands them to any batch; while they are set SEG makes its own call even when asked to batch
+    (``rows_ride_along``), which their "batched" checks count.  Anima's and Krea 2's references stay with
+    dit_backend_smoke: the models double a one-row reference only for a batch of exactly 2 (Neo's cond +
+    uncond of one image), so a CFG-4 batch of two images fails in the host itself, SEG or not."""
+
+    WANTED = ("Flux", "Chroma", "Flux.2-Klein", "Flux.2-Klein 8x8", "Z-Image", "Lumina 2", "Anima", "Anima 2-frame")
+    WANTED += ("Krea 2", "Qwen-Image 2.1", "Qwen-Image 2.1+ref", "Qwen-Image 2.1+2 refs", "Qwen-Image", "Wan")
+    WANTED += ("Wan 3-frame",)
+
+    def cases(self):
+        return [case for case in smoke.neo229_cases() if case.name in self.WANTED]
+
+
+APIS = {"forge2": Forge2, "reforge": ReForge, "neo": Neo, "neo229": Neo229, smoke.IMITATION: Imitation}
 
 
 def processing(patcher):
@@ -333,7 +377,7 @@ def run_case(host: str, api, case, report) -> None:
     def step(p, cfg):
         return api.step(p.sampler.model_wrap_cfg, x, sigma, cond, uncond, cfg)
 
-    with torch.no_grad():
+    with torch.no_grad(), case.context():  # the host's globals the case needs (Qwen-Image 2.1's references)
         report(smoke.no_hooks(case.model), f"{label}: no hooks before")
         plain = {cfg: step(processing(patcher), cfg) for cfg in (1.0, 4.0)}
         cond_plain = api.cond_pass(patcher, x, sigma, cond)
@@ -353,7 +397,8 @@ def run_case(host: str, api, case, report) -> None:
                     text = adapter.patch_unet(p, params, batch_rows=batch_rows)
                     with counted_calls(case.model) as calls:
                         out = step(p, cfg)
-                    want = [main_rows + IMAGES] if batch_rows else [main_rows, IMAGES]
+                    rides = batch_rows and api.rows_ride_along()  # else SEG's own call, even when batching
+                    want = [main_rows + IMAGES] if rides else [main_rows, IMAGES]
                     err = float((out - expected).abs().max()) / scale
                     effect = float((out - plain[cfg]).abs().max()) / scale
                     ok = err <= rel and effect > smoke.EFFECT_FACTOR * rel and out.dtype == plain[cfg].dtype

@@ -9,7 +9,9 @@ under ``blurred_dit_queries`` must equal a reference that never touches a query:
 function (the module attribute its blocks look up at call time) is swapped for an explicit attention that,
 in the chosen blocks only, blurs the image rows of the pre-softmax logits with a dense Gaussian written
 here from the SEG definition.  Also checked: the hooks leave nothing behind (no hooks on any module, the
-plain output bit-identical) and the blur changes the output.
+host's attention functions back in place, the plain output bit-identical) and the blur changes the output.
+The reference's swap composes with SEG's own wrapper of the same module global (attention-call families
+wrap whatever the name holds while armed): the two runs are separate calls, and each undoes its own.
 
 Forge Neo (``--host neo``, ``tools/_neo_cases.py``) runs float32 (its RoPE kernels have no float64) and covers
 every family SEG supports there: Flux.1 (Kontext), Chroma, Flux.2-Klein, Z-Image, Lumina 2, Qwen-Image (Edit),
@@ -17,12 +19,26 @@ Wan (one frame, video, ``time_dim_concat``, 2.1 i2v), Anima (also video and a re
 references), Ernie-Image, PixelDiT and PiD.  A case says where its image tokens sit in each attention call of a
 block (``Case.calls``: a joint sequence, the image alone, or a cross-attention that passes), how many frames
 the latent has (each frame's rows are blurred over its own grid), which blocks there are (``Case.blocks``) and
-which module attributes its attention goes through (``Case.attention``).
+which module attributes its attention goes through (``Case.attention``).  The reference attention computes
+in float64 (whatever the model's dtype, cast back after), repeats grouped k/v heads and applies the host's
+mask (boolean or additive) after the blur.
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR, defaults below):
+Forge Neo 2.29 (``--host neo229``, ``tools/_neo229_cases.py``): the hybrid tree /work/hosts/neo229 (NEO229_DIR),
+Neo 2.26 with 2.29's model files taken verbatim (its PROVENANCE.md): youlijie/sd-webui-forge-classic
+(2.29.1) b3b8a1e5 ``anima.py``, ``qwen21.py``, ``attention.py`` (``optimized_attention_override``),
+``args.py`` and fdb9c164 ``lumina.py``, ``quant_ops.py``; xxxqwerty337/sd-webui-forge-classic-1337 ba50f188
+``krea.py``, ``qwen.py``, ``wan.py`` and 8343ece9 ``flux.py``; comfy-kitchen 0.2.40 from NEO229_PYLIB
+(/work/hosts/neo229-pylib), put first on the path; argv ``--cpu --use-pytorch-cross-attention``.  Cases:
+Z-Image, Lumina 2 (grouped k/v: ``ck.rms_rope1``), Anima (1, 2 frames, a reference frame), Krea 2 (0, 1, 2
+references before the image), Qwen-Image 2.1 (0, 1, 2 references; block-causal segments, only the target's
+call blurred), Flux.1 (Kontext), Chroma, Flux.2-Klein, Wan and Qwen-Image (Edit).
+
+Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR, defaults below; the
+2.29 hybrid runs with Neo 2.26's venv):
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_backend_smoke.py --host forge2
     PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_backend_smoke.py --host reforge
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/neo/venv/bin/python tools/dit_backend_smoke.py --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo229
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` builds the repo's own
 from-scratch Flux and MMDiT (tests/support/dit_models.py, float64 throughout, RoPE included) instead of a host's
@@ -46,8 +62,10 @@ from dataclasses import dataclass, field
 HOSTS = {
     "forge2": ("FORGE_DIR", "/work/hosts/forge2"),
     "reforge": ("REFORGE_DIR", "/work/hosts/reforge"),
-    "neo": ("NEO_DIR", "/work/hosts/neo/webui"),
+    "neo": ("NEO_DIR", "/work/hosts/forge-neo/webui"),
+    "neo229": ("NEO229_DIR", "/work/hosts/neo229"),
 }
+NEO229_PYLIB = ("NEO229_PYLIB", "/work/hosts/neo229-pylib")  # comfy-kitchen 0.2.40, first on the path
 IMITATION = "imitation"  # no host tree: the repo's test imitations (tests/support)
 BATCH, N_TXT, REGISTERS = 2, 5, 2
 SD3_CTX = N_TXT + REGISTERS  # MMDiT: register tokens, then text, then the image
@@ -102,10 +120,13 @@ def setup(host: str) -> str:
     extra = {
         "forge2": [f"{tree}/packages_3rdparty", f"{tree}/repositories/huggingface_guess"],
         "neo": [f"{tree}/modules_forge/packages"],  # Neo vendors gguf and huggingface_guess there
+        "neo229": [f"{tree}/modules_forge/packages"],
     }.get(host, [])
-    sys.path[:0] = [tree, *extra, repo]
-    sys.argv[1:] = ["--cpu" if host == "neo" else "--always-cpu"]  # the hosts parse argv when imported (Neo
-    # rejects unknown flags, and --always-cpu is gone there)
+    first = [os.path.abspath(os.environ.get(*NEO229_PYLIB))] if host == "neo229" else []
+    sys.path[:0] = [*first, tree, *extra, repo]
+    # The hosts parse argv when imported (Neo rejects unknown flags, and --always-cpu is gone there); the 2.29
+    # tree needs SDPA on the CPU: its default there, attention_basic, fails on Qwen-Image 2.1's 2-D masks.
+    sys.argv[1:] = {"neo": ["--cpu"], "neo229": ["--cpu", "--use-pytorch-cross-attention"]}.get(host, ["--always-cpu"])
     if host == "reforge":
         from ldm_patched.modules import args_parser
 
@@ -241,7 +262,24 @@ def neo_cases() -> list[Case]:
     return cases()
 
 
-CASES = {"forge2": forge2_cases, "reforge": reforge_cases, "neo": neo_cases, IMITATION: imitation_cases}
+def neo229_cases() -> list[Case]:
+    """The Neo 2.29 hybrid tree's classes (``tools/_neo229_cases.py``): Z-Image, Lumina 2, Anima, Krea 2,
+    Qwen-Image 2.1 on the 2.29 files, Flux.1 / Chroma / Flux.2-Klein, Wan and Qwen-Image on the newer ones."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from _neo229_cases import neo229_cases as cases
+
+    return cases()
+
+
+CASES = {
+    "forge2": forge2_cases,
+    "reforge": reforge_cases,
+    "neo": neo_cases,
+    "neo229": neo229_cases,
+    IMITATION: imitation_cases,
+}
 
 
 def gaussian_1d(sigma: float, side: int):
@@ -287,6 +325,8 @@ class Reference:
 
     def attention(self, original):
         def attention(*args, **kwargs):
+            import torch
+
             self.calls_in_block += 1
             role = self.role()
             if role == "pass":
@@ -294,16 +334,24 @@ class Reference:
             q, k, v = args[:3]
             heads = args[3] if len(args) > 3 else kwargs["heads"]
             mask = args[4] if len(args) > 4 else kwargs.get("mask")
-            assert mask is None and len(args) <= 5, (len(args), kwargs)
+            assert len(args) <= 5, (len(args), kwargs)
+            dtype = q.dtype  # the reference runs in float64 whatever the model's dtype, and returns that dtype
+            q, k, v = (t.double() for t in (q, k, v))
             if not kwargs.get("skip_reshape"):  # (B, L, heads*D), MMDiT's v (B, L, heads, D) -> (B, heads, L, D)
-                q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
-            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+                q, k, v = (t.reshape(*t.shape[:2], -1, q.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+            if k.shape[1] != q.shape[1]:  # grouped k/v heads passed as such: each serves consecutive q heads
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+            logits = q @ k.transpose(-1, -2) * scale
             rows = self.image_rows(role, logits.shape[2])
             part = logits[:, :, rows]  # (B, heads, frames*h*w, L_k): frame-major, so each frame maps alone
             maps = part.reshape(-1, *self.grid, part.shape[-1]).permute(0, 3, 1, 2)
             logits[:, :, rows] = blur_maps(maps, self.sigma).permute(0, 2, 3, 1).reshape(part.shape)
+            if mask is not None:  # after the blur: the host's mask applies to the (blurred) logits, as in SEG
+                mask = mask[None, None] if mask.dim() == 2 else mask[:, None] if mask.dim() == 3 else mask
+                logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask.double()
             self.explicit += 1
-            out = logits.softmax(dim=-1) @ v  # (B, heads, L, D)
+            out = (logits.softmax(dim=-1) @ v).to(dtype)  # (B, heads, L, D)
             return out if kwargs.get("skip_output_reshape") else out.transpose(1, 2).flatten(2)
 
         return attention
@@ -338,8 +386,8 @@ def blocks(model, kinds: tuple[tuple[str, str], ...] = FLUX_BLOCKS):
 def call(case: Case):
     import torch
 
-    with torch.no_grad(), case.context():
-        inputs = dict(case.inputs)
+    with torch.no_grad(), case.context():  # fresh tensors: Krea 2's text fusion adds into its context in place
+        inputs = {key: value.clone() if torch.is_tensor(value) else value for key, value in case.inputs.items()}
         return case.model(inputs.pop("x"), inputs.pop("t"), control=None, transformer_options={}, **inputs)
 
 
@@ -396,6 +444,8 @@ def run_case(host: str, case: Case, report) -> None:
     grid = (-(-latent[0] // case.patch), -(-latent[1] // case.patch))  # (even latent for Forge's MMDiTX)
     label = f"{host} {case.name} {'x'.join(map(str, shape))}"
     report(no_hooks(case.model), f"{label}: no hooks before")
+    seams = lambda: [getattr(importlib.import_module(name), attr) for name, attr in case.attention]  # noqa: E731
+    host_functions = seams()  # SEG's wrappers (attention-call families) and the reference's swaps are undone
     plain = call(case)
     scale = float(plain.abs().max())
     skips = []
@@ -416,6 +466,8 @@ def run_case(host: str, case: Case, report) -> None:
             report(ok, f"{where}: rel err {err:.2e} <= {case.rel:.1e}, effect {effect:.2e}")
     report(not skips, f"{label}: no block skipped {skips}")
     report(no_hooks(case.model), f"{label}: no hooks left")
+    restored = all(now is before for now, before in zip(seams(), host_functions, strict=True))
+    report(restored, f"{label}: the host's attention functions back in place")
     report(bool(call(case).equal(plain)), f"{label}: plain output bit-identical after")
 
 
