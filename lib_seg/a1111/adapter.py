@@ -14,7 +14,9 @@ How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_de
 * Batched mode (``batch_rows``, when the host batches cond and uncond in one call of equal token
   length): the callback inserts the SEG rows between the cond and the uncond rows instead, the
   inner model's call blurs only those rows, and with ``prefix_reuse`` the blocks before the first
-  blurred one compute them once (:mod:`lib_seg.core.batching`).  Anything else uses the separate call.
+  blurred one compute them once (:mod:`lib_seg.core.batching`).  Anything else uses the separate call,
+  and so does a batched call that runs out of memory: the main call is redone without the SEG rows and
+  this step's SEG comes from the separate call, as do the pass's later steps.
 * SD3 (``sd_model.is_sd3``, an MMDiT at ``sd_model.model.diffusion_model``) runs the same two paths:
   the network is a :mod:`lib_seg.core.targets` target, which blurs UNet attn1 layers through
   :mod:`lib_seg.core.query_hooks` or DiT blocks through :mod:`lib_seg.dit.hooks` (A1111's SD3 sampler
@@ -27,6 +29,7 @@ No host module is imported at module level; the script passes host objects in.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,8 +38,10 @@ from typing import Any
 
 import torch
 
-from lib_seg.core import batching, guidance, query_hooks, schedule, targets
+from lib_seg.core import batching, guidance, query_hooks, rows, schedule, targets
 from lib_seg.core.params import SegParams
+
+log = logging.getLogger("sd_webui_seg")
 
 RUN_ATTR = "_seg_run"
 WRAPPED_ATTR = "_seg_wrapped_combine"
@@ -204,6 +209,16 @@ class SegRun:
         return guidance.apply_seg_composable(denoised, cond, cond_seg, conds_list, seg_scale)
 
 
+def _without_the_seg_rows(original, step: BatchedStep, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict):
+    """The main call without the SEG rows; they come back as unblurred copies of the cond rows, which
+    nothing reads (the host reads the cond rows from the front and the uncond rows from the end, and
+    :meth:`SegRun.combine` makes the separate call since ``step.ran`` stays False)."""
+    total, n = x.shape[0], step.n_cond
+    slim = partial(rows.map_rows, rows=total, fn=partial(rows.without_seg_rows, n_cond=n))
+    out = original(slim(x), slim(sigma), **slim(kwargs))
+    return rows.with_seg_rows(out, n)
+
+
 def _wrap_inner_forward(denoiser: Any) -> bool:
     """Blur the SEG rows during the main ``inner_model`` call of a batched step (wrapped once;
     the refiner switch replaces the inner model, hence the check every step)."""
@@ -217,8 +232,13 @@ def _wrap_inner_forward(denoiser: Any) -> bool:
         step = run.batched if run is not None else None
         if step is None or x.shape[0] not in step.rows:
             return original(x, sigma, **kwargs)
-        with run.blurring_rows(query_target(denoiser.p.sd_model), x.shape[0]):
-            out = original(x, sigma, **kwargs)
+        try:
+            with run.blurring_rows(query_target(denoiser.p.sd_model), x.shape[0]):
+                out = original(x, sigma, **kwargs)
+        except rows.OUT_OF_MEMORY:  # the larger call did not fit: this pass goes on with the separate call
+            run.batch_rows = False
+            log.warning("SEG: out of memory with the SEG rows in the main model call; SEG makes its own call now")
+            return _without_the_seg_rows(original, step, x, sigma, kwargs)
         step.ran = True
         return out
 

@@ -15,22 +15,16 @@ caller's (A1111: SEG rows between cond and uncond; Forge: appended), given as ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lib_seg.core.layers import PARTS, LayerKey
+from lib_seg.core.rows import RowMap, is_rows, with_seg_rows, without_seg_rows
 
-
-def with_seg_rows(t: torch.Tensor, n_cond: int) -> torch.Tensor:
-    """Insert copies of the first ``n_cond`` rows right after them."""
-    return torch.cat([t[:n_cond], t[:n_cond], t[n_cond:]])
-
-
-def without_seg_rows(t: torch.Tensor, n_cond: int) -> torch.Tensor:
-    return torch.cat([t[:n_cond], t[2 * n_cond :]])
+__all__ = ["RowMap", "prefix_pays", "shared_prefix", "with_seg_rows", "without_seg_rows"]
 
 
 def blocks_in_order(unet: nn.Module) -> list[tuple[tuple[str, int], nn.Module]]:
@@ -46,8 +40,6 @@ def prefix_blocks(unet: nn.Module, layers: Iterable[LayerKey]) -> list[nn.Module
     first = min((PARTS.index(key.part), key.block) for key in layers)
     return [block for (part, index), block in blocks_in_order(unet) if (PARTS.index(part), index) < first]
 
-
-RowMap = Callable[[torch.Tensor], torch.Tensor]
 
 # Fewest SEG rows for which prefix reuse pays: with one SEG row (one image) a step is bound by kernel
 # launches and Python hooks, and the ~40 layer hooks cost more than the rows they save (H200, fp16,
@@ -74,13 +66,13 @@ def shared_prefix(
     """
 
     def slim(_module: nn.Module, args: tuple, kwargs: dict):
-        if not any(_is_rows(a, total_rows) for a in (*args, *kwargs.values())):
+        if not any(is_rows(a, total_rows) for a in (*args, *kwargs.values())):
             return None
-        slim_args = tuple(drop(a) if _is_rows(a, total_rows) else a for a in args)
-        return slim_args, {k: drop(v) if _is_rows(v, total_rows) else v for k, v in kwargs.items()}
+        slim_args = tuple(drop(a) if is_rows(a, total_rows) else a for a in args)
+        return slim_args, {k: drop(v) if is_rows(v, total_rows) else v for k, v in kwargs.items()}
 
     def widen(_module: nn.Module, _args: tuple, output: torch.Tensor):
-        return expand(output) if _is_rows(output, main_rows) else None
+        return expand(output) if is_rows(output, main_rows) else None
 
     handles = []
     try:
@@ -93,7 +85,3 @@ def shared_prefix(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _is_rows(value: object, rows: int) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows

@@ -19,20 +19,17 @@ uncond; Forge: appended).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from numbers import Number
 from types import FunctionType
-from typing import Any
 
 import torch
 from torch import nn
 
+from lib_seg.core.rows import RowMap, children, has_rows, is_record, map_rows
 from lib_seg.dit.families import family_of
 from lib_seg.dit.layers import DitLayer, sort_key
-
-RowMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
@@ -50,51 +47,14 @@ def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Modul
     return [block for layer, block in blocks_in_order(model) if sort_key(layer) < first]
 
 
-def _is_rows(value: object, rows: int) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows
-
-
-def _is_record(value: object) -> bool:
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
-def _children(value: object) -> list:
-    if isinstance(value, tuple | list):
-        return list(value)
-    if isinstance(value, dict):
-        return list(value.values())
-    if _is_record(value):
-        return [getattr(value, field.name) for field in dataclasses.fields(value)]
-    return []
-
-
 def _plain(value: object) -> bool:
     """An argument we can slim or leave: a tensor, something that holds no tensor (a plain function among
     them: an attention override in ``transformer_options``), or a tuple, list, dict or dataclass of such."""
     if torch.is_tensor(value) or value is None or isinstance(value, Number | str | bool | FunctionType):
         return True
-    if isinstance(value, tuple | list | dict) or _is_record(value):
-        return all(map(_plain, _children(value)))
+    if isinstance(value, tuple | list | dict) or is_record(value):
+        return all(map(_plain, children(value)))
     return False
-
-
-def _has_rows(value: object, rows: int) -> bool:
-    return _is_rows(value, rows) or any(_has_rows(child, rows) for child in _children(value))
-
-
-def _map_rows(value: Any, rows: int, fn: RowMap) -> Any:
-    """``value`` with ``fn`` applied to every tensor of ``rows`` rows in it, containers rebuilt."""
-    if _is_rows(value, rows):
-        return fn(value)
-    if isinstance(value, tuple | list):
-        mapped = [_map_rows(item, rows, fn) for item in value]
-        return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
-    if isinstance(value, dict):
-        return {key: _map_rows(item, rows, fn) for key, item in value.items()}
-    if _is_record(value):
-        changes = {f.name: _map_rows(getattr(value, f.name), rows, fn) for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **changes)
-    return value
 
 
 @contextmanager
@@ -112,15 +72,15 @@ def shared_prefix(
     def slim(block: nn.Module, args: tuple, kwargs: dict):
         values = (*args, *kwargs.values())
         if block is blocks[0]:  # decided once per call, at the first block
-            state["slim"] = all(map(_plain, values)) and any(_has_rows(v, total_rows) for v in values)
+            state["slim"] = all(map(_plain, values)) and any(has_rows(v, total_rows) for v in values)
         if not state["slim"]:
             return None
-        return _map_rows(args, total_rows, drop), _map_rows(kwargs, total_rows, drop)
+        return map_rows(args, total_rows, drop), map_rows(kwargs, total_rows, drop)
 
     def widen(_block: nn.Module, _args: tuple, output):
         if not state["slim"]:
             return None
-        return _map_rows(output, main_rows, expand)
+        return map_rows(output, main_rows, expand)
 
     handles = [block.register_forward_pre_hook(slim, with_kwargs=True) for block in blocks]
     handles.append(blocks[-1].register_forward_hook(widen))

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from lib_seg.core import batching, guidance, query_hooks, schedule, targets
+from lib_seg.core.rows import OUT_OF_MEMORY
 from lib_seg.forge import host as forge_host
 from lib_seg.forge import rows as forge_rows
 from lib_seg.forge.patches import SkipCallback, attn1_patch, sampling_progress, with_attn1_replaces
 
 log = logging.getLogger("sd_webui_seg")
 SEG_MARK = "_sd_webui_seg_post_cfg"
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass

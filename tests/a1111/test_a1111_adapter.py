@@ -269,7 +269,13 @@ def run_counting(model, inputs, run_, steps=1, **kwargs):
     """Run with ``run_`` attached; returns outputs and the row count of every UNet call."""
     unet = model.model.diffusion_model
     rows = []
-    handle = unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    fail = kwargs.pop("fail", None)  # a pre-hook that may raise (an imitated GPU error), after the count
+
+    def count(module, args):
+        rows.append(args[0].shape[0])
+        return None if fail is None else fail(module, args)
+
+    handle = unet.register_forward_pre_hook(count)
     denoiser = CFGDenoiser(model, callbacks=[a1111.on_cfg_denoiser], batch_cond_uncond=kwargs.pop("bcu", True))
     denoiser.total_steps = steps
     a1111.attach(denoiser, run_)
@@ -402,3 +408,23 @@ def test_prefix_reuse_only_with_more_than_one_seg_row(sd1_f64, monkeypatch):
         inputs = to_dtype(make_inputs(config, images=images), torch.float64)
         _, rows = run_counting(sd1_f64, inputs, a1111.SegRun(SegParams(enabled=True), batch_rows=True))
         assert rows == [3 * images] and len(calls) == expected
+
+
+def test_an_out_of_memory_batched_call_falls_back_to_the_separate_call(sd1_f64):
+    """The main call with the SEG rows runs out of memory (the host's GPU, imitated by a pre-hook that
+    raises ``torch.OutOfMemoryError`` for that row count): the main call is redone without them, SEG makes
+    its separate call, and the image equals the separate-call image; the next step does not try again."""
+    sd1 = sd1_f64
+    inputs = to_dtype(make_inputs(sd1.model.diffusion_model.config), torch.float64)
+    params = SegParams(enabled=True, blur_sigma=2.0)
+    separate, _ = run_counting(sd1, inputs, a1111.SegRun(params), steps=2)
+
+    def out_of_memory(_module, args):
+        if args[0].shape[0] == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (imitated)")
+
+    run = a1111.SegRun(params, batch_rows=True)
+    fallen, rows = run_counting(sd1, inputs, run, steps=2, fail=out_of_memory)
+    assert rows == [6, 4, 2, 4, 2] and run.batch_rows is False
+    for got, expected in zip(fallen, separate, strict=True):
+        assert torch.equal(got, expected)  # the very same calls as the separate path
