@@ -7,7 +7,9 @@ drops the SEG rows from every per-row argument of each prefix block (``img``, ``
 ``context``, ``x``, ``c``), and a hook on the last prefix block's output puts them back as copies of
 their cond rows.  Everything between blocks then sees the full batch again (Flux joins ``txt`` and
 ``img`` for the single-stream blocks; MMDiT has nothing in between).  With the default blocks this skips
-7 of Flux's 19 double blocks and 7 of SD3's 24 joint blocks for the SEG rows.
+7 of Flux's 19 double blocks and 7 of SD3's 24 joint blocks for the SEG rows.  Which modules are the
+prefix, and after which the rows come back, is the family's plan (:meth:`DitFamily.prefix`): NextDiT adds
+its caption and noise refiners, whose two streams the host joins before the main layers.
 
 Arguments that carry rows inside containers are slimmed through them: tuples, lists, dicts and
 dataclasses (Chroma's and Flux.2's shared modulations are tuples of ``ModulationOut`` dataclasses, Neo
@@ -29,7 +31,7 @@ from torch import nn
 
 from lib_seg.core.rows import RowMap, children, has_rows, is_record, map_rows
 from lib_seg.dit.families import family_of
-from lib_seg.dit.layers import DitLayer, sort_key
+from lib_seg.dit.layers import DitLayer
 
 
 def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
@@ -38,13 +40,16 @@ def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:
     return [] if family is None else family.blocks(model)
 
 
-def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Module]:
-    """Blocks that run before the first of ``layers`` (none where the family opts out of the reuse)."""
+def prefix_plan(model: nn.Module, layers: Iterable[DitLayer]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules the SEG rows skip, in execution order, and those after which they come back: the
+    family's (:meth:`lib_seg.dit.families.base.DitFamily.prefix`); none for a model no family knows."""
     family = family_of(model)
-    if family is None or not family.prefix_reuse:
-        return []
-    first = min(sort_key(layer) for layer in layers)
-    return [block for layer, block in blocks_in_order(model) if sort_key(layer) < first]
+    return ([], []) if family is None else family.prefix(model, layers)
+
+
+def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Module]:
+    """The modules the SEG rows skip before the first of ``layers``."""
+    return prefix_plan(model, layers)[0]
 
 
 def _plain(value: object) -> bool:
@@ -63,7 +68,7 @@ def shared_prefix(
 ) -> Iterator[None]:
     """Within the block, a call of ``model`` with ``total_rows`` rows runs its prefix blocks on the
     ``main_rows`` only (see the module docstring)."""
-    blocks = prefix_blocks(model, layers)
+    blocks, widened = prefix_plan(model, layers)
     if not blocks:
         yield
         return
@@ -83,7 +88,7 @@ def shared_prefix(
         return map_rows(output, main_rows, expand)
 
     handles = [block.register_forward_pre_hook(slim, with_kwargs=True) for block in blocks]
-    handles.append(blocks[-1].register_forward_hook(widen))
+    handles.extend(block.register_forward_hook(widen) for block in widened)
     try:
         yield
     finally:

@@ -225,10 +225,36 @@ def test_prefix_reuse_skips_the_seg_rows_of_the_layers_before_the_first_blurred_
             shared = _call(model, seg)
     for handle in handles:
         handle.remove()
-    assert seen == {"layers": [2, 2, 4], "refiners": [4, 4]}  # l0, l1 on the main rows only; l2 all rows
+    assert seen == {"layers": [2, 2, 4], "refiners": [2, 2]}  # refiners, l0, l1 on the main rows only; l2 all
     assert_network_close(shared, full)
     assert not torch.equal(full[2:], full[:2])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("spec", ["l0", "l1"])
+def test_prefix_reuse_skips_both_refiner_streams_and_puts_the_rows_back_where_they_join(spec):
+    """With ``l0`` chosen the prefix is the two refiner streams alone, and each must be whole again before
+    the host joins them; with ``l1`` the slim streams are joined and widened after ``l0``."""
+    model, inputs = build(seed=12), _inputs((5, 7))
+    chosen = resolve_layers(spec, available_layers(model))
+    seg = {k: with_seg_rows(v, 2) for k, v in inputs.items()}
+    seg["transformer_options"] = {"cond_or_uncond": [0, 0], "sigmas": torch.ones(4, dtype=torch.float64)}
+    rows: list[int] = []
+    handles = [
+        block.attention.qkv.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]))
+        for block in (*model.context_refiner, *model.noise_refiner, *model.layers)
+    ]
+    drop, expand = partial(without_seg_rows, n_cond=2), partial(with_seg_rows, n_cond=2)
+    with blurred_dit_queries(model, chosen, 2.0, rows=slice(2, 4)):
+        full = _call(model, seg)
+        rows.clear()
+        with shared_prefix(model, chosen, 4, 2, drop, expand):
+            shared = _call(model, seg)
+    for handle in handles:
+        handle.remove()
+    skipped = 4 + (1 if spec == "l1" else 0)  # 2 + 2 refiners, and l0 when l1 is the first chosen
+    assert rows == [2] * skipped + [4] * (3 - skipped + 4)
+    assert_network_close(shared, full)
 
 
 def _sized(layers: int, **kwargs) -> TinyNextDiT:

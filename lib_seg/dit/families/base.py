@@ -62,6 +62,17 @@ class DitFamily:
     def layers(self, model: nn.Module) -> tuple[DitLayer, ...]:
         return tuple(layer for layer, _ in self.blocks(model))
 
+    def prefix(self, model: nn.Module, layers: Iterable[DitLayer]) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The modules a batched call's SEG rows may skip (they run before the first of ``layers`` on rows that
+        equal their cond rows there), in execution order, and those after which the rows are put back
+        (:mod:`lib_seg.dit.prefix`).  By default the blocks before the first chosen one, widened after the
+        last; none where the family opts out (:attr:`prefix_reuse`)."""
+        if not self.prefix_reuse:
+            return [], []
+        first = min(dit_layers.sort_key(layer) for layer in layers)
+        before = [block for layer, block in self.blocks(model) if dit_layers.sort_key(layer) < first]
+        return before, before[-1:]
+
     def default_spec(self, model: nn.Module) -> str:
         """What ``middle`` selects on ``model``: :attr:`default` where the model has those blocks, else
         the middle block of each stream (:func:`lib_seg.dit.layers.default_layers`)."""

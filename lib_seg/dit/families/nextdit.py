@@ -30,6 +30,7 @@ of 32 where the checkpoint has ``cap_pad_token``; width 2304 = Lumina 2: 24 head
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -138,6 +139,17 @@ class NextDiTFamily(AttentionCallFamily):
 
     def matches(self, model: Any) -> bool:
         return _is_nextdit(model) and not _z_image_modulation(model)
+
+    def prefix(self, model: nn.Module, layers: Iterable[DitLayer]) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The refiners run before every main layer on rows that equal their cond rows, so the SEG rows skip
+        them too: ``context_refiner`` (caption), then ``noise_refiner`` (image), each slimmed.  Their slim
+        outputs are joined into a slim sequence that the main layers before the first chosen one take as
+        it is; the rows come back after the last of those, or, with ``l0`` chosen, after each refiner stream
+        (the host joins the two streams, which must then both be whole)."""
+        before, widen = super().prefix(model, layers)
+        streams = [stream for stream in (model.context_refiner, model.noise_refiner) if len(stream)]
+        refiners = [block for stream in streams for block in stream]
+        return [*refiners, *before], widen if before else [stream[-1] for stream in streams]
 
     def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
         call = _Call(model)
