@@ -21,9 +21,23 @@ from .mmdit import MMDIT
 from .nextdit import LUMINA2, ZIMAGE
 from .pixeldit import PIXELDIT
 from .qwen import QWEN_IMAGE
+from .qwen21 import QWEN21
 from .wan import WAN
 
-FAMILIES: tuple[DitFamily, ...] = (KREA2, ERNIE, PIXELDIT, FLUX2, FLUX1, MMDIT, ZIMAGE, LUMINA2, QWEN_IMAGE, WAN, ANIMA)
+FAMILIES: tuple[DitFamily, ...] = (
+    KREA2,
+    ERNIE,
+    PIXELDIT,
+    FLUX2,
+    FLUX1,
+    MMDIT,
+    ZIMAGE,
+    LUMINA2,
+    QWEN_IMAGE,
+    QWEN21,
+    WAN,
+    ANIMA,
+)
 
 __all__ = ["FAMILIES", "DitFamily", "family_of"]
 
