@@ -57,7 +57,11 @@ counted here (meta device) against the released sizes:
 * ``pixeldit``: PixelDiT, the PixDiT_T2I network Neo's PiD is built on (dit_pixeldit.py): 14 patch blocks of
   hidden 1536 (24 heads, SwiGLU 4096 per stream), 2 pixel blocks (pixel width 16, attention 1152 with 16
   heads), patch 16 on 1024² RGB pixels (64 x 64 patch tokens), 300 Gemma-2 tokens of width 2304 (Neo pads to
-  300): 1.30 B (released 1.3 B; PiD's LQ projection is not built: it needs an LQ latent per image).
+  300): 1.30 B (released 1.3 B; PiD's LQ projection is not built: it needs an LQ latent per image);
+* ``qwen21``: Qwen-Image 2.1 (dit_qwen21.py, Neo 2.29 ``backend/nn/qwen21.py``; the class's defaults, no
+  released config was readable here): hidden 4096, 32 heads of 128 (RoPE 16/56/56), 32 single-stream blocks,
+  SwiGLU ratio 3, no patchify on a 64-channel latent (64 x 64 = 4096 tokens at 1024²), 256 tokens of width
+  4096, no reference image (the target is the last segment; the text segment attends causally).
 
 Where a test model fixes a width its release does not have, a subclass here sets it; the blocks, their
 hook points and the call stay the test model's: Anima's MLP ratio 4 (TinyAnima builds its blocks with
@@ -130,6 +134,8 @@ from tests.support.dit_models import TinyFlux, TinyMMDiT  # noqa: E402
 from tests.support.dit_nextdit import TinyNextDiT  # noqa: E402
 from tests.support.dit_pixeldit import TinyPixelDiT  # noqa: E402
 from tests.support.dit_qwen import TinyQwen  # noqa: E402
+from tests.support.dit_qwen21 import Block as Qwen21Block  # noqa: E402
+from tests.support.dit_qwen21 import TinyQwen21  # noqa: E402
 from tests.support.dit_wan import TinyWan  # noqa: E402
 
 KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
@@ -141,7 +147,7 @@ CASES = (
     "klein4b:1:1:inf,klein4b:1:4:inf,klein4b:2:1:inf,klein4b:2:4:inf,"
     "klein9b:1:1:inf,klein9b:1:4:inf,klein9b:2:1:inf,klein9b:2:4:inf"
 )
-FAMILIES = ("zimage", "lumina2", "qwenimage", "wan14b", "anima", "krea2", "ernie", "pixeldit")  # Neo's
+FAMILIES = ("zimage", "lumina2", "qwenimage", "qwen21", "wan14b", "anima", "krea2", "ernie", "pixeldit")  # Neo's
 # ``--cases families``: each of them at batch 1 and 2, CFG 1 and 4 (the default run above stays as it was)
 FAMILY_CASES = ",".join(f"{name}:{batch}:{cfg}:inf" for name in FAMILIES for batch in (1, 2) for cfg in (1, 4))
 PRESETS = {"default": CASES, "families": FAMILY_CASES}
@@ -212,6 +218,21 @@ class ErnieAt(TinyErnie):
         if ffn_hidden is not None:
             for layer in self.layers:
                 layer.mlp = SwiGLU(self.hidden, ffn_hidden)
+
+
+class Qwen21At(TinyQwen21):
+    """TinyQwen21 with the release's SwiGLU ratio 3 (its blocks use 2) and float32 rotations (of the same bf16
+    values: it rotates with ``torch.complex``, which has no bfloat16)."""
+
+    def __init__(self, mlp_ratio: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        hidden, heads = self.img_in.out_features, self.transformer_blocks[0].attn.heads
+        layers = len(self.transformer_blocks)
+        self.transformer_blocks = nn.ModuleList(Qwen21Block(hidden, heads, mlp_ratio) for _ in range(layers))
+
+    def build_sequence(self, x, context, refs, slots):
+        hidden, pe, segments = super().build_sequence(x, context, refs, slots)
+        return hidden, pe.float(), segments
 
 
 class Krea2At(TinyKrea2):
@@ -466,6 +487,16 @@ FULL["pixeldit"] = DitSpec(
     vec_dim=None,
     guidance=False,
 )
+FULL["qwen21"] = DitSpec(
+    Qwen21At,
+    dict(channels=64, hidden=4096, heads=32, layers=32, context_dim=4096, axes=(16, 56, 56)),
+    latent=(64, 64, 64),
+    n_txt=256,
+    context_dim=4096,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,  # 4-D, but its causal masks are made without a device
+)
 # Small widths, the released block counts (so ``middle`` is the released default block), small latents.
 TINY["zimage"] = DitSpec(  # default l15
     NextDiTAt,
@@ -536,6 +567,16 @@ TINY["ernie"] = DitSpec(  # default l18
     context_dim=32,
     vec_dim=None,
     guidance=False,
+)
+TINY["qwen21"] = DitSpec(  # default s16
+    Qwen21At,
+    dict(channels=64, hidden=24, heads=2, layers=32, context_dim=16, axes=(4, 4, 4)),
+    latent=(64, 8, 10),
+    n_txt=16,
+    context_dim=16,
+    vec_dim=None,
+    guidance=False,
+    host_model=KModel5dOnDevice,
 )
 TINY["pixeldit"] = DitSpec(  # default j7
     PixelDiTAt,
