@@ -58,7 +58,8 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
             params = xyz.apply_overrides(params, p)
         except ValueError as exc:
             error = exc
-            log.error("SEG: %s (the generation will fail with this message)", exc)
+            message = str(exc) if str(exc).startswith("SEG") else f"SEG: {exc}"  # messages name their field
+            log.error("%s (the generation will fail with this message)", message)
         setattr(p, STATE_ATTR, (params, error))
         if params is None or not params.enabled:
             return

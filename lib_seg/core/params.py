@@ -65,9 +65,10 @@ def check_layer_syntax(spec: Any) -> str:
         try:
             return dit_layers.check_spec_syntax(spec)
         except ValueError:
+            letters = ", ".join(f"{letter} ({kind})" for letter, kind in dit_layers.KIND_OF_LETTER.items())
             raise ValueError(
-                f"{unet_error}; on Flux/Chroma/SD3 use presets {', '.join(dit_layers.PRESETS)} or blocks like "
-                "d7-9, s7-9, j7-9"
+                f"{unet_error}; on a diffusion transformer use presets {', '.join(dit_layers.PRESETS)} or blocks "
+                f"named by a letter and an index or range, {letters}: e.g. d7-9, s7-9, j7-9, l15, b20"
             ) from None
 
 

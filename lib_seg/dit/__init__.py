@@ -1,4 +1,4 @@
-"""SEG on diffusion transformers (Flux, Chroma, SD3/SD3.5): the host-independent core.
+"""SEG on diffusion transformers (every family of :mod:`lib_seg.dit.families`): the host-independent core.
 
 Pure torch, no host import: which image tokens a DiT block sees (:mod:`lib_seg.core.geometry`), which blocks SEG
 blurs (:mod:`lib_seg.core.layers`) and the query blur itself, including the RoPE identity that lets a hook before

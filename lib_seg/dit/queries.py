@@ -1,4 +1,4 @@
-"""Blur the image-token queries of a DiT block's joint attention (SEG on Flux, Chroma, SD3).
+"""Blur the image-token queries of a DiT block's attention (every family), and the RoPE identity of the q-norm hooks.
 
 A DiT attends over one joint sequence ``[txt | img (| extra)]``.  SEG blurs only the image-token
 queries over the image's 2D patch grid, as they enter the softmax: text queries, all keys and all

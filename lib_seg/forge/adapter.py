@@ -79,7 +79,7 @@ def unet_patcher(p: Any) -> Any | None:
 
 
 def query_target(patcher: Any) -> targets.QueryTarget | None:
-    """The UNet or the Flux/Chroma/SD3 transformer the patcher's model runs (None: SEG cannot run)."""
+    """The UNet or the diffusion transformer of a known family the patcher's model runs (None: SEG cannot run)."""
     return targets.query_target(getattr(getattr(patcher, "model", None), "diffusion_model", None))
 
 
@@ -185,7 +185,8 @@ def patch_unet(
     if target is None:
         name = type(getattr(getattr(patcher, "model", None), "diffusion_model", None)).__name__
         log.warning(
-            "SEG: the loaded model (%s) is neither a UNet nor a Flux/Chroma/SD3 transformer; SEG is off for it", name
+            "SEG: the loaded model (%s) is neither a UNet nor a diffusion transformer SEG knows; SEG is off for it",
+            name,
         )
         _switch_off(p, patcher)
         return None

@@ -57,7 +57,7 @@ def _module(name: str) -> ModuleType | None:
 def host_kind() -> str | None:
     """``"neo"`` / ``"forge"`` (backend/), ``"reforge"``, ``"forge-classic"`` (ldm_patched), or None.
 
-    Capabilities are tested in the report's order: new Forge and Neo deleted ``ldm_patched`` (Neo names
+    Capabilities are tested from the newest layout to the oldest: new Forge and Neo deleted ``ldm_patched`` (Neo names
     itself in ``modules_forge.forge_version``); reForge's ``ldm_patched`` is a recent ComfyUI sync with
     ``calc_cond_batch``; classic Forge has only the two-way ``calc_cond_uncond_batch`` plus
     ``modules_forge.unet_patcher``.

@@ -33,8 +33,8 @@ class SegPass:
     pass keeps that extension's effect and the guidance holds only the blur (such steps are never
     batched).
 
-    ``dit``: on Flux, Chroma and SD3 (a :class:`lib_seg.core.targets.DitTarget`) no attn1 patch exists; the same
-    two paths arm module hooks on the transformer for the call instead (:mod:`lib_seg.dit.hooks`),
+    ``dit``: on a diffusion transformer (a :class:`lib_seg.core.targets.DitTarget`) no attn1 patch exists; the
+    same two paths arm the family's hooks on the transformer for the call instead (:mod:`lib_seg.dit.hooks`),
     blurring only the SEG rows in the batched call.
     """
 

@@ -22,7 +22,6 @@ KEYS = {
     "hires_scale": "SEG hires scale",
     "hires_blur_sigma": "SEG hires blur sigma",
 }
-HIRES_CUSTOM_FIELDS = ("hires_scale", "hires_blur_sigma")
 
 
 def to_infotext(params: SegParams, layers_text: str | None = None) -> dict[str, str]:

@@ -247,7 +247,12 @@ def test_attach_is_idempotent_and_detach_restores(sd1):
 
 
 def test_callback_ignores_foreign_denoisers():
-    a1111.on_cfg_denoiser(SimpleNamespace(denoiser=object()))
+    """Another script's denoiser (no SEG run attached) passes through the global callback untouched: no
+    rows added, nothing attached; params without a denoiser do not fail."""
+    x = torch.zeros(2, 4, 8, 8)
+    params = SimpleNamespace(denoiser=SimpleNamespace(), x=x, text_cond=torch.zeros(1, 77, 8))
+    a1111.on_cfg_denoiser(params)
+    assert params.x is x and vars(params.denoiser) == {}
     a1111.on_cfg_denoiser(SimpleNamespace())
 
 

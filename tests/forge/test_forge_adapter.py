@@ -354,7 +354,7 @@ def test_unknown_dit_models_are_left_untouched(monkeypatch, caplog, kind):
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
         assert forge.patch_unet(p, SegParams(enabled=True)) is None
     assert p.sd_model.forge_objects.unet is before and before.model_options == {"transformer_options": {}}
-    assert "OtherDiT) is neither a UNet nor a Flux/Chroma/SD3 transformer" in caplog.text
+    assert "OtherDiT) is neither a UNet nor a diffusion transformer SEG knows" in caplog.text
 
 
 def test_outside_forge_nothing_is_touched(sd1, monkeypatch, caplog):
