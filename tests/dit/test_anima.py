@@ -1,14 +1,17 @@
 """SEG on Anima: the self-attention queries of the image blurred over its grid, against a float64 logit blur.
 
-The model is tests/support/dit_anima.py (Neo 2.26's Anima: Cosmos-Predict2 blocks on 5-D latents, patches
-1x2x2, split-half 3D RoPE after the per-head q-norm, cross-attention to the LLM adapter's output, reference
-latents appended as frames).  The slow path never touches a query: the chosen blocks compute their
-self-attention explicitly and blur the image frames' logit rows with the dense reference blur.
+The model is tests/support/dit_anima.py: Neo's Anima (Cosmos-Predict2 blocks on 5-D latents, patches 1x2x2,
+split-half 3D RoPE, cross-attention to the LLM adapter's output, reference latents appended as frames), in
+Neo 2.26's layout (q-norm module, then RoPE) and 2.29's (``ck.rms_rope_split_half``: no q-norm module runs),
+both calling the module-global ``attention_function``.  The slow path never touches a query: the chosen
+blocks compute their self-attention explicitly and blur each image frame's logit rows with the dense
+reference blur.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -17,24 +20,26 @@ import torch
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.targets import query_target
 from lib_seg.dit.families.anima import RELEASED
-from lib_seg.dit.families.wan import blur_frames, rotate
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.prefix import shared_prefix
-from tests.support.dit_anima import TinyAnima, VideoRope3D, rope_split_half
-from tests.support.dit_blocks import Hooks
+from tests.core.test_blur import reference_blur
+from tests.support import dit_anima
+from tests.support.dit_anima import TinyAnima
+from tests.support.dit_blocks import Hooks, neo_attention
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
-from tests.support.dit_wan import TinyWan, blurred_frame_logits
+from tests.support.slow_seg import blur_logit_rows
 from tests.support.tolerance import FLOAT64_NETWORK_REL, assert_network_close, assert_within, max_abs
 
 N_TXT = 6
 LATENTS = [(1, 6, 6), (1, 9, 13), (1, 5, 12), (2, 5, 7)]  # (T, H, W): square, odd sides, non-square, two frames
 SIGMAS = [0.9, 3.0, math.inf]
+VARIANTS = {"2.26": {}, "2.29": {"fused": True}}  # Neo 2.29: q-norm and RoPE one kernel, no q-norm module call
 
 
-def _build(**kwargs) -> TinyAnima:
-    return randomize(TinyAnima(**kwargs), seed=11).double().eval()
+def _build(variant: str = "2.26", **kwargs) -> TinyAnima:
+    return randomize(TinyAnima(**VARIANTS[variant], **kwargs), seed=11).double().eval()
 
 
 def _inputs(latent, batch: int = 2, refs: int = 0, seed: int = 0) -> dict:
@@ -53,12 +58,34 @@ def _grid(latent) -> tuple[int, int]:
 
 def _call(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs)
+        return model(**{"transformer_options": {}, **inputs})  # as Neo's KModel calls it
+
+
+@contextmanager
+def _blurred_frame_logits(blocks, sigma: float, frames: int, grid: tuple[int, int], rows=None):
+    """The slow reference: the chosen blocks' self-attention blurs the logit rows of each of the first
+    ``frames`` frames (the image; references follow) over ``grid``, frame by frame."""
+    n_frame = grid[0] * grid[1]
+    per_frame = [blur_logit_rows(slice(f * n_frame, (f + 1) * n_frame), grid, sigma, rows) for f in range(frames)]
+
+    def blur(logits: torch.Tensor) -> torch.Tensor:
+        for frame in per_frame:  # disjoint query rows: one after the other is all of them at once
+            logits = frame(logits)
+        return logits
+
+    blocks = list(blocks)
+    try:
+        for block in blocks:
+            block.hooks = Hooks(logits=blur)
+        yield
+    finally:
+        for block in blocks:
+            block.hooks = Hooks()
 
 
 def _slow(model, inputs, chosen, sigma, rows=None) -> torch.Tensor:
     latent = tuple(inputs["x"].shape[2:])
-    with blurred_frame_logits([model.blocks[layer.index] for layer in chosen], sigma, latent[0], _grid(latent), rows):
+    with _blurred_frame_logits([model.blocks[layer.index] for layer in chosen], sigma, latent[0], _grid(latent), rows):
         return _call(model, inputs)
 
 
@@ -67,62 +94,64 @@ def _seg(model, inputs, chosen, sigma, rows=None, on_skip=None) -> torch.Tensor:
         return _call(model, inputs)
 
 
+CASES = [(v, latent) for v in VARIANTS for latent in LATENTS]
+
+
 @pytest.mark.parametrize("sigma", SIGMAS)
-@pytest.mark.parametrize("latent", LATENTS, ids=str)
-def test_anima_queries_equal_blurred_logit_rows(latent, sigma):
-    model, inputs = _build(), _inputs(latent)
+@pytest.mark.parametrize(("variant", "latent"), CASES, ids=str)
+def test_anima_queries_equal_blurred_logit_rows(variant, latent, sigma):
+    model, inputs, skips = _build(variant), _inputs(latent), []
     plain = _call(model, inputs)
     for spec in ["b1", "all"]:
         chosen = resolve_layers(spec, available_layers(model))
-        got = _seg(model, inputs, chosen, sigma)
+        got = _seg(model, inputs, chosen, sigma, on_skip=lambda *a: skips.append(a))
         assert_network_close(got, _slow(model, inputs, chosen, sigma))
         assert not torch.equal(got, plain), f"{spec}: the blur changed nothing"
+    assert not skips
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("refs", [1, 2])
-@pytest.mark.parametrize("sigma", [2.0, math.inf])
-def test_reference_latents_are_left_alone(sigma, refs):
-    """Neo's Anima reference (edit) latents follow the image as frames; only the image frame is blurred."""
-    model, inputs = _build(), _inputs((1, 7, 6), refs=refs)
+@pytest.mark.parametrize(("latent", "sigma"), [((1, 7, 6), 2.0), ((2, 5, 6), math.inf)], ids=str)
+def test_reference_latents_are_left_alone(variant, refs, latent, sigma):
+    """Neo's Anima reference (edit) latents follow the image as frames; only the image frames are blurred."""
+    model, inputs = _build(variant), _inputs(latent, refs=refs)
     chosen = resolve_layers("b0,b2", available_layers(model))
     assert_network_close(_seg(model, inputs, chosen, sigma), _slow(model, inputs, chosen, sigma))
 
 
-def test_rotate_split_half_is_the_hosts_rope_and_inverts():
-    generator = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 3 * 2 * 4, 2, 16, generator=generator, dtype=torch.float64)
-    rope = VideoRope3D(16)(torch.zeros(1, 3, 2, 4, 16))[None, :, None]  # (1, L, 1, D/2, 2, 2)
-    assert_within(rotate(x, rope, "split_half"), rope_split_half(x, rope), 1e-14 * max_abs(x), "split-half RoPE")
-    assert not torch.allclose(rotate(x, rope, "split_half"), rotate(x, rope))  # the pairing matters
-    assert_within(rotate(rotate(x, rope, "split_half"), rope.transpose(-1, -2), "split_half"), x, 1e-14 * max_abs(x))
-
-
-def test_only_image_queries_change_and_keys_values_stay():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_image_queries_change_and_keys_values_and_the_cross_attention_stay(variant):
     """Entering the chosen block's self-attention: keys, values and the reference frame's queries are
-    bit-identical; the image queries are the blur of the plain ones (after RoPE); the cross-attention's
-    q-norm gets no hook."""
-    model, inputs = _build(), _inputs((1, 5, 6), refs=1)
+    bit-identical, the image queries are the blur of the plain ones (after RoPE).  Its cross-attention (to
+    the text, through the same attention function) gets the queries of its own input, unblurred."""
+    model, inputs = _build(variant), _inputs((1, 5, 6), refs=1)
     layer, block = DitLayer("block", 1), model.blocks[1]
-    block.hooks = Hooks(seen={})
+    plain, seg, cross, cross_input = {}, {}, {}, []
+    handle = block.cross_attn.register_forward_pre_hook(lambda _m, args: cross_input.append(args[0]))
     try:
+        block.hooks = Hooks(seen=plain)
         _call(model, inputs)
-        plain = dict(block.hooks.seen)
-        with blurred_dit_queries(model, [layer], 2.0):
-            assert block.self_attn.q_norm._forward_hooks and not block.cross_attn.q_norm._forward_hooks
-            _call(model, inputs)
-            seg = dict(block.hooks.seen)
+        block.hooks, block.cross_hooks = Hooks(seen=seg), Hooks(seen=cross)
+        _seg(model, inputs, [layer], 2.0)
     finally:
-        block.hooks = Hooks()
+        block.hooks, block.cross_hooks = Hooks(), Hooks()
+        handle.remove()
     assert torch.equal(plain["k"], seg["k"]) and torch.equal(plain["v"], seg["v"])
     n_image = 3 * 3
+    assert plain["q"].shape[2] == 2 * n_image  # the image frame, then the reference frame
     assert torch.equal(plain["q"][:, :, n_image:], seg["q"][:, :, n_image:])
     tokens = lambda q: q[:, :, :n_image].transpose(1, 2).flatten(2)  # noqa: E731
-    expected = blur_frames(tokens(plain["q"]), 1, (3, 3), 2.0)
+    expected = reference_blur(tokens(plain["q"]), 3, 3, 2.0)
     assert_within(tokens(seg["q"]), expected, FLOAT64_NETWORK_REL * max_abs(expected), "image queries")
+    attention = block.cross_attn
+    with torch.no_grad():
+        own = attention.q_norm(attention.q_proj(cross_input[-1]).unflatten(-1, (attention.heads, -1)))
+    assert torch.equal(cross["q"], own.transpose(1, 2))
 
 
 def test_batched_rows_equal_separate_calls():
-    model, inputs = _build(), _inputs((1, 7, 9), refs=1)
+    model, inputs = _build("2.29"), _inputs((1, 7, 9), refs=1)
     chosen = resolve_layers("b0,b2", available_layers(model))
     doubled = {
         k: [torch.cat([r, r]) for r in v] if isinstance(v, list) else torch.cat([v, v]) for k, v in inputs.items()
@@ -136,19 +165,41 @@ def test_queries_that_are_not_the_blocks_grid_are_skipped_with_a_warning():
     """An attention call on other tokens than the block's grid (a tiling extension's sub-grid) is left as
     it is, with a warning."""
     model, inputs, skips = _build(), _inputs((1, 6, 8)), []
-    norm = model.blocks[1].self_attn.q_norm
-    q = torch.randn(2, 5, 2, 16, dtype=torch.float64)
-    with torch.no_grad(), blurred_dit_queries(model, [DitLayer("block", 1)], 2.0, on_skip=lambda *a: skips.append(a)):
-        model(**inputs)
+    attention, layer = model.blocks[1].self_attn, DitLayer("block", 1)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with torch.no_grad(), blurred_dit_queries(model, [layer], 2.0, on_skip=lambda *a: skips.append(a)):
+        _call(model, inputs)
         assert not skips
-        got = norm(q)
-    assert torch.equal(got, norm(q))
-    assert skips == [(DitLayer("block", 1), 5, (3, 4))]
+        got = attention(x, None, None, {})
+    assert torch.equal(got, attention(x, None, None, {}))
+    assert skips == [(layer, 5, None, "its 5 queries are not the block's 1x3x4 token grid")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_self_attention_that_reaches_no_seam_is_reported_not_silently_skipped(variant):
+    """A kernel that attends by itself (neither the module global nor ``wrap_attn``'s override): every
+    chosen block is reported once per call, and nothing changes."""
+    model, inputs, skips = _build(variant, kernel="private"), _inputs((1, 6, 6)), []
+    chosen = resolve_layers("b0,b2", available_layers(model))
+    got = _seg(model, inputs, chosen, 2.0, on_skip=lambda *a: skips.append(a))
+    assert torch.equal(got, _call(model, inputs))
+    assert [s[0] for s in skips] == list(chosen) and all("never reached SEG" in s[3] for s in skips)
+    assert all(s[1] == 3 * 3 for s in skips)  # the tokens the self-attention got
+
+
+def test_the_module_global_is_restored_and_no_hook_outlives_the_block():
+    model = _build("2.29")
+    chosen = resolve_layers("all", available_layers(model))
+    with pytest.raises(RuntimeError, match="interrupted"), blurred_dit_queries(model, chosen, 2.0):
+        assert dit_anima.attention_function is not neo_attention  # wrapped while armed
+        raise RuntimeError("interrupted")
+    assert dit_anima.attention_function is neo_attention
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_prefix_reuse_skips_the_seg_rows_in_the_prefix_blocks():
     """The blocks' rotations are one row for all (left as they are); every per-row argument is slimmed."""
-    model, inputs = _build(), _inputs((1, 5, 6), batch=2)
+    model, inputs = _build("2.29"), _inputs((1, 5, 6), batch=2)
     chosen = resolve_layers("b2", available_layers(model))
     seg = {k: with_seg_rows(v, 2) for k, v in inputs.items()}  # (cond, SEG) rows, as Forge appends them
     seen: list[int] = []
@@ -166,20 +217,22 @@ def test_prefix_reuse_skips_the_seg_rows_in_the_prefix_blocks():
             handle.remove()
     assert seen == [2, 2]
     assert_network_close(shared, full)
+    assert not torch.equal(full[2:], full[:2])  # the SEG rows were blurred
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_family_detection_tells_anima_from_the_others():
-    assert dit_family(TinyAnima()) == "anima" and dit_family(TinyWan()) == "wan"
+    assert dit_family(TinyAnima()) == "anima" and dit_family(TinyAnima(fused=True)) == "anima"
     for other in (TinyFlux(), TinyFlux2(), TinyMMDiT()):
-        assert dit_family(other) not in ("wan", "anima")
+        assert dit_family(other) != "anima"
 
 
-def test_block_names_and_the_middle_default_at_the_released_depth():
-    depth = RELEASED["anima"]
+@pytest.mark.parametrize(("released", "middle"), [("anima", "b14"), ("anima-2.9b", "b20"), ("anima-3.8b", "b26")])
+def test_block_names_and_the_middle_default_at_the_released_depths(released, middle):
+    depth = RELEASED[released]
     model = TinyAnima(model_channels=12, num_heads=1, num_blocks=depth, adaln_lora_dim=2)
     assert available_layers(model) == model_layers(block=depth)
-    assert default_spec(model) == "b14" and query_target(model).canonical("middle") == "b14"
-    assert query_target(model).resolve("b0,b27") == (DitLayer("block", 0), DitLayer("block", 27))
-    with pytest.raises(ValueError, match="it has b0-27"):
-        query_target(model).resolve("b28")
+    assert default_spec(model) == middle and query_target(model).canonical("middle") == middle
+    assert query_target(model).resolve(f"b0,b{depth - 1}") == (DitLayer("block", 0), DitLayer("block", depth - 1))
+    with pytest.raises(ValueError, match=f"it has b0-{depth - 1}"):
+        query_target(model).resolve(f"b{depth}")

@@ -1,12 +1,14 @@
 """A small from-scratch Anima (Cosmos-Predict2 structure) with the attention math of Neo's ``backend/nn/anima.py``.
 
 Written from the structure of Neo 2.26 (exo101/sd-webui-forge-neo-v3 de2193d, ``webui/backend/nn/anima.py``,
-class ``Anima``); no host code copied.  What SEG must read from it instead of assuming:
+class ``Anima``) and Neo 2.29 (youlijie/sd-webui-forge-classic b3b8a1e5, ``backend/nn/anima.py``); no host
+code copied.  What SEG must read from it instead of assuming:
 
 * ``forward(x, timesteps, context, padding_mask=None, **kwargs)`` on a 5-D latent ``(B, C, T, H, W)``
   (Neo's Wan-VAE latents; images have T = 1), ``context`` the LLM adapter's output (Neo runs the
-  adapter in the text encoder, ``loader.py:765``); reference latents are appended along time before
-  the padding to the patch (``anima.py:459-468``; Neo reads them from ``dynamic_args.ref_latents``,
+  adapter in the text encoder, ``loader.py:765``), ``transformer_options`` from the keywords, handed to
+  every block (2.29 line 495); reference latents are appended along time before the padding to the
+  patch (2.26 ``anima.py:459-468``, 2.29 lines 474-479; Neo reads them from ``dynamic_args.ref_latents``,
   here the ``ref_latents`` keyword, one per row);
 * ``x_embedder``: a zero padding-mask channel is concatenated, ``(t r) (h m) (w n)`` patches become
   ``(B, T, H, W, D)`` tokens (``anima.py:196-218, 439-447``); ``pos_embedder`` gives one 2x2 rotation
@@ -14,12 +16,19 @@ class ``Anima``); no host code copied.  What SEG must read from it instead of as
   factors (``anima.py:27-82``); the blocks get it as ``rope_emb_L_1_1_D`` ``(1, L, 1, D/2, 2, 2)``;
 * ``Block.forward(x_B_T_H_W_D, emb_B_T_D, crossattn_emb, rope_emb_L_1_1_D=None, adaln_lora_B_T_3D=None,
   extra_per_block_pos_emb=None, transformer_options={})`` flattens ``t h w`` itself (``anima.py:281-367``);
-* ``SelfCrossAttention``: ``q_norm`` (``nn.RMSNorm`` over the head width) called as a module on
+* ``SelfCrossAttention``: 2.26 calls ``q_norm`` (``nn.RMSNorm`` over the head width) as a module on
   ``(B, L, heads, D)``, then split-half RoPE on the self-attention only (pairs ``(k, k + D/2)``,
   ``comfy_kitchen.apply_rope_split_half``; here as a complex product, an independent spelling)
-  (``anima.py:99-154``).
+  (``anima.py:99-154``).  ``fused=True`` is 2.29 (lines 146-153): the self-attention's norm and rotation
+  are one kernel, ``ck.rms_rope_split_half(q, k, rope_emb, q_scale, k_scale, eps)``, which only reads the
+  norms' weights (no q-norm module runs); the cross-attention still calls its norms as modules;
+* both attentions then call the module-global ``attention_function(q_B_H_S_D, k_B_H_S_D, v_B_H_S_D, heads,
+  skip_reshape=True, transformer_options=...)`` (2.26 line 146, 2.29 line 166), here
+  :func:`tests.support.dit_blocks.neo_attention` (with ``wrap_attn``).  ``kernel="private"`` makes the
+  self-attention attend by itself, reaching no seam (as a fused build might).
 
-Each block's self-attention honours :class:`tests.support.dit_blocks.Hooks` (``logits``, ``seen``).
+Each block's self-attention honours :class:`tests.support.dit_blocks.Hooks` (``Block.hooks``: ``logits``,
+``seen``), its cross-attention ``Block.cross_hooks`` (``seen``).
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend
+from tests.support.dit_blocks import Hooks, attend, neo_attention
+
+attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
 
 def rope_split_half(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -70,10 +81,16 @@ class VideoRope3D(nn.Module):
         return torch.cat([axes["t"], axes["h"], axes["w"]], dim=-3).reshape(t * h * w, -1, 2, 2).to(device)
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 class SelfCrossAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int):
+    def __init__(
+        self, query_dim: int, context_dim: int | None, heads: int, head_dim: int, fused=False, kernel="global"
+    ):
         super().__init__()
-        self.is_self = context_dim is None
+        self.is_self, self.fused, self.kernel = context_dim is None, fused, kernel
         self.heads, self.head_dim = heads, head_dim
         inner, source = heads * head_dim, context_dim or query_dim
         self.q_proj = nn.Linear(query_dim, inner, bias=False)
@@ -84,17 +101,25 @@ class SelfCrossAttention(nn.Module):
         self.v_norm = nn.Identity()
         self.output_proj = nn.Linear(inner, query_dim, bias=False)
 
-    def forward(self, x, context=None, rope_emb=None, hooks: Hooks | None = None):
+    def forward(self, x, context=None, rope_emb=None, transformer_options=None, hooks: Hooks | None = None):
         source = x if context is None else context
         q, k, v = (
             t.unflatten(-1, (self.heads, self.head_dim))
             for t in (self.q_proj(x), self.k_proj(source), self.v_proj(source))
-        )
-        q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)  # (B, L, heads, D)
-        if self.is_self and rope_emb is not None:
+        )  # (B, L, heads, D)
+        rotate = self.is_self and rope_emb is not None
+        if rotate and self.fused:  # 2.29 ck.rms_rope_split_half: the norms' weights only, no module call
+            q, k = _rms(q, self.q_norm.weight, self.q_norm.eps), _rms(k, self.k_norm.weight, self.k_norm.eps)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotate:
             q, k = rope_split_half(q, rope_emb), rope_split_half(k, rope_emb)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), hooks or Hooks())
-        return self.output_proj(out.transpose(1, 2).flatten(2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.v_norm(v).transpose(1, 2)  # (B, heads, L, D)
+        if self.kernel == "private" and self.is_self:
+            return self.output_proj(attend(q, k, v, hooks or Hooks()).transpose(1, 2).flatten(2))
+        options = transformer_options
+        out = attention_function(q, k, v, self.heads, skip_reshape=True, transformer_options=options, hooks=hooks)
+        return self.output_proj(out)
 
 
 def _adaln(dim: int, lora: int) -> nn.Sequential:
@@ -106,10 +131,10 @@ def _modulate(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, shift: torc
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int, mlp_ratio: float = 2.0, lora: int = 8):
+    def __init__(self, dim: int, context_dim: int, heads: int, mlp_ratio=2.0, lora=8, fused=False, kernel="global"):
         super().__init__()
         self.layer_norm_self_attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.self_attn = SelfCrossAttention(dim, None, heads, dim // heads)
+        self.self_attn = SelfCrossAttention(dim, None, heads, dim // heads, fused, kernel)
         self.layer_norm_cross_attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = SelfCrossAttention(dim, context_dim, heads, dim // heads)
         self.layer_norm_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -118,7 +143,7 @@ class Block(nn.Module):
         self.adaln_modulation_self_attn = _adaln(dim, lora)
         self.adaln_modulation_cross_attn = _adaln(dim, lora)
         self.adaln_modulation_mlp = _adaln(dim, lora)
-        self.hooks = Hooks()
+        self.hooks, self.cross_hooks = Hooks(), Hooks()
 
     def forward(
         self,
@@ -137,11 +162,13 @@ class Block(nn.Module):
         ]
         shape = x.shape
         (shift, scale, gate), (c_shift, c_scale, c_gate), (m_shift, m_scale, m_gate) = mods
+        options = transformer_options
         tokens = _modulate(x, self.layer_norm_self_attn, scale, shift).flatten(1, 3)
-        result = self.self_attn(tokens, None, rope_emb=rope_emb_L_1_1_D, hooks=self.hooks).view(shape)
+        result = self.self_attn(tokens, None, rope_emb_L_1_1_D, options, hooks=self.hooks).view(shape)
         x = x + gate[:, :, None, None] * result
         tokens = _modulate(x, self.layer_norm_cross_attn, c_scale, c_shift).flatten(1, 3)
-        x = x + c_gate[:, :, None, None] * self.cross_attn(tokens, crossattn_emb, rope_emb=rope_emb_L_1_1_D).view(shape)
+        result = self.cross_attn(tokens, crossattn_emb, rope_emb_L_1_1_D, options, hooks=self.cross_hooks)
+        x = x + c_gate[:, :, None, None] * result.view(shape)
         return x + m_gate[:, :, None, None] * self.mlp(_modulate(x, self.layer_norm_mlp, m_scale, m_shift))
 
 
@@ -170,6 +197,8 @@ class TinyAnima(nn.Module):
         adaln_lora_dim: int = 8,
         num_blocks: int = 3,
         num_heads: int = 2,
+        fused: bool = False,
+        kernel: str = "global",
     ):
         super().__init__()
         self.out_channels, self.patch_spatial, self.patch_temporal = out_channels, patch_spatial, patch_temporal
@@ -182,7 +211,8 @@ class TinyAnima(nn.Module):
         )
         self.x_embedder = PatchEmbed(patch_spatial, patch_temporal, in_channels + 1, model_channels)
         self.blocks = nn.ModuleList(
-            Block(model_channels, crossattn_emb_channels, num_heads, lora=adaln_lora_dim) for _ in range(num_blocks)
+            Block(model_channels, crossattn_emb_channels, num_heads, 2.0, adaln_lora_dim, fused, kernel)
+            for _ in range(num_blocks)
         )
         self.final_norm = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
         self.final_mod = nn.Linear(model_channels, 2 * model_channels, bias=False)
@@ -208,9 +238,10 @@ class TinyAnima(nn.Module):
         timesteps = timesteps.unsqueeze(1) if timesteps.dim() == 1 else timesteps
         sample = self._timesteps(timesteps).to(x.dtype)
         emb, lora = self.t_embedding_norm(sample), self.t_embedder(sample)
+        options = kwargs.get("transformer_options", {})  # Neo: ``kwargs.get("transformer_options", {})``
         kwargs = {"rope_emb_L_1_1_D": rope.unsqueeze(1).unsqueeze(0), "adaln_lora_B_T_3D": lora}
         for block in self.blocks:
-            tokens = block(tokens, emb, context, **kwargs, extra_per_block_pos_emb=None, transformer_options={})
+            tokens = block(tokens, emb, context, **kwargs, extra_per_block_pos_emb=None, transformer_options=options)
         shift, scale = (self.final_mod(emb) + lora[..., : 2 * self.model_channels]).chunk(2, dim=-1)
         out = self.final_linear(_modulate(tokens, self.final_norm, scale, shift))
         b, tt, hh, ww, _ = out.shape

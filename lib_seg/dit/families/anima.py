@@ -1,30 +1,32 @@
 """Anima (Cosmos-Predict2 structure): self-attention ``blocks`` over the latent's token grid, then a
 cross-attention to the text (the LLM adapter's output; Neo runs the adapter in the text encoder).
 
-Read at Neo ``webui/backend/nn/anima.py`` (de2193d; interfaces and math only, no code taken).  The
-structure is the UNet case: the self-attention sees image tokens only, so its queries are blurred and
+Read at Neo 2.26 ``webui/backend/nn/anima.py`` (exo101/sd-webui-forge-neo-v3 de2193d) and Neo 2.29
+``backend/nn/anima.py`` (youlijie/sd-webui-forge-classic b3b8a1e5); interfaces and math only, no code taken.
+The structure is the UNet case: the self-attention sees image tokens only, so its queries are blurred and
 the cross-attention is left alone.
 
-* Hook point: ``blocks[i].self_attn.q_norm``, an ``nn.RMSNorm`` over the head width called as a
-  module on ``(B, L, heads, D)`` (``anima.py:122-137``); RoPE follows in ``comfy_kitchen``'s
-  ``apply_rope_split_half`` (pairs ``(k, k + D/2)``, one 2x2 rotation per pair and token), which no
-  extension can reach.  The hook writes ``R^-1 blur(R q)`` (:func:`lib_seg.dit.families.wan.
-  blur_frames_before_rope` with ``pairing="split_half"``), so the host's rotation yields the blurred
-  post-RoPE queries.  ``cross_attn.q_norm`` (the queries of the text attention) is not hooked.
-* Geometry, from the call: each block gets its tokens as ``x_B_T_H_W_D`` (``anima.py:281-331``: the
-  block itself flattens ``t h w``), so its shape is the grid; the rotations are the block's
-  ``rope_emb_L_1_1_D``, ``(1, L, 1, D/2, 2, 2)`` from ``pos_embedder``.  Images are one latent frame
-  (Neo's Wan-VAE latents are ``(B, C, 1, H, W)``); Neo pads every side to the patch
-  (``anima.py:468``), so the image is the first ``ceil(T / patch_temporal)`` frames of the call's
-  latent.  Reference latents (Neo's Anima "Reference"/edit, ``dynamic_args.ref_latents``) are
-  appended as further frames (``anima.py:462-466``) and are not blurred.  Each frame is blurred over
-  its own ``h x w`` grid, as on Wan (:mod:`lib_seg.dit.families.wan`).
-* A query count that is not the block's grid skips the block with a warning.
+* Hook point: the attention call of ``blocks[i].self_attn`` (:mod:`lib_seg.dit.attention_call`).  Its
+  ``torch_attention_op`` calls the module-global ``attention_function(q_B_H_S_D, k_B_H_S_D, v_B_H_S_D,
+  heads, skip_reshape=True, transformer_options=...)`` with q ``(B, heads, L, D)`` normalised and rotated
+  already (2.26 line 146, 2.29 line 166).  2.26 computes q with the ``q_norm`` module and then
+  ``comfy_kitchen.apply_rope_split_half`` (lines 131-135); 2.29 fuses both into ``ck.rms_rope_split_half(q,
+  k, rope_emb, q_scale, k_scale, eps)`` (lines 146-150), so no q-norm module runs there and a q-norm hook
+  would be a silent no-op.  The attention call is the same in both, and on 2.29 ``wrap_attn`` also honours
+  SEG's ``optimized_attention_override``.  ``cross_attn`` (the text attention, which calls the same
+  function) is never armed.  A self-attention whose call reaches neither seam is reported.
+* Geometry, from the call: each block gets its tokens as ``x_B_T_H_W_D`` and flattens ``t h w`` itself
+  (2.26 lines 281-331, 2.29 lines 293-343), so that shape is the grid.  Images are one latent frame (Neo's
+  Wan-VAE latents are ``(B, C, 1, H, W)``); Neo pads every side to the patch (``pad_to_patch_size``), so the
+  image is the first ``ceil(T / patch_temporal)`` frames of the call's latent.  Reference latents (Neo's
+  Anima "Reference"/edit, ``dynamic_args.ref_latents``) are appended as further frames before the padding
+  (2.26 lines 462-468, 2.29 lines 474-479) and are not blurred.  Each image frame is blurred over its own
+  ``h x w`` grid, as on Wan.
+* A query count that is not the block's grid (a tiling extension's sub-grid) skips the block with a warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -35,12 +37,14 @@ from lib_seg.dit.geometry import patched_side
 from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
-from .wan import blur_frames_before_rope
+from .base import AttentionCallFamily, CallShape, ImageTokens, Skip, arguments, has_blocks
 
-# Neo's detection builds every Anima checkpoint with 28 blocks, width 2048, 16 heads
-# (``huggingface_guess/detection.py:201-221``, de2193d).
-RELEASED = {"anima": 28}
+# Neo counts an Anima checkpoint's blocks (``huggingface_guess/detection.py``: 2.26 de2193d hard-codes 28;
+# 2.29 b3b8a1e5 ``count_blocks(... "blocks.")``, width 2048 and 16 heads asserted), and 2.29's ``anima.py``
+# maps LoRAs between depths 28, 40 and 52 (``BLOCK_MAPPINGS``): Anima 2B, 2.9B and 3.8B.
+RELEASED = {"anima": 28, "anima-2.9b": 40, "anima-3.8b": 52}
+
+Where = tuple[int, tuple[int, int], int]  # (image frames, (h, w), frames in the block's tokens)
 
 
 def _temporal_patch(model: nn.Module) -> int | None:
@@ -49,66 +53,49 @@ def _temporal_patch(model: nn.Module) -> int | None:
 
 
 class _Call:
-    """The call's latent frames, and each chosen block's token grid and rotations."""
+    """What one model call tells :meth:`AnimaFamily.locate`: the latent's frames and each block's token grid."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.latent_frames: int | None = None
-        self.blocks: dict[DitLayer, tuple[Any, Any]] = {}  # layer -> (x_B_T_H_W_D shape, rope_emb)
+        self.grids: dict[int, tuple[int, int, int]] = {}  # block index -> (T, H, W) of its x_B_T_H_W_D
 
     def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.blocks.clear()
+        self.grids.clear()
         x = arguments(model, args, kwargs).get("x", args[0] if args else None)
         self.latent_frames = int(x.shape[2]) if torch.is_tensor(x) and x.dim() == 5 else None
 
-    def recorder(self, layer: DitLayer):
+    def recorder(self, index: int):
         def pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-            call = arguments(block, args, kwargs)
-            x = call.get("x_B_T_H_W_D", args[0] if args else None)
-            shape = tuple(x.shape[1:4]) if torch.is_tensor(x) and x.dim() == 5 else None
-            self.blocks[layer] = (shape, call.get("rope_emb_L_1_1_D"))
+            x = args[0] if args else kwargs.get("x_B_T_H_W_D")  # Neo passes it first, positionally
+            if torch.is_tensor(x) and x.dim() == 5:
+                self.grids[index] = tuple(map(int, x.shape[1:4]))
+            else:
+                self.grids.pop(index, None)
 
         return pre_hook
 
-    def where(self, layer: DitLayer) -> tuple[int, tuple[int, int], int, torch.Tensor] | str:
-        """(image frames, (h, w), frames in the sequence, rotations) of ``layer``'s call, or why not."""
-        shape, rope = self.blocks.get(layer, (None, None))
-        patch = _temporal_patch(self.model)
+    def where(self, layer: DitLayer) -> Where | str:
+        """(image frames, (h, w), frames in the sequence) of ``layer``'s call, or why they cannot be placed."""
+        grid, patch = self.grids.get(layer.index), _temporal_patch(self.model)
         if self.latent_frames is None:
             return "the model call passed no 5-D (B, C, T, H, W) latent"
-        if shape is None or patch is None:
+        if grid is None or patch is None:
             return "the block's (T, H, W) token grid or the model's temporal patch could not be read"
         frames = patched_side(self.latent_frames, patch, pad=True)
-        if frames > shape[0]:
-            return f"{frames} latent frames do not fit the {shape[0]} frames of the block's tokens"
-        if not torch.is_tensor(rope) or rope.dim() != 6:
-            return "no RoPE rotations reached the block"
-        return frames, (shape[1], shape[2]), shape[0], rope
+        if frames > grid[0]:
+            return f"{frames} latent frames do not fit the {grid[0]} frames of the block's tokens"
+        return frames, (grid[1], grid[2]), grid[0]
 
 
-def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
-    """Forward hook on ``self_attn.q_norm``: ``(B, L, heads, D) -> R^-1 blur(R q)`` on the image frames."""
-
-    def hook(_norm: nn.Module, _args: tuple, q: torch.Tensor) -> Any:
-        where = call.where(layer)
-        if isinstance(where, str):
-            return skipped(on_skip, layer, q.shape[1], None, where)
-        frames, grid, total, rope = where
-        if q.dim() != 4 or q.shape[1] != total * grid[0] * grid[1] or rope.shape[1] != q.shape[1]:
-            return skipped(on_skip, layer, q.shape[1], grid)
-        if 2 * rope.shape[-3] != q.shape[-1]:
-            return skipped(on_skip, layer, q.shape[1], grid, "the RoPE rotations do not fit the head width")
-        return blur_frames_before_rope(q, rope, frames, grid, sigma, rows, pairing="split_half")
-
-    return hook
-
-
-class AnimaFamily(DitFamily):
-    """Anima: ``blocks`` with ``self_attn.q_norm`` / ``cross_attn``, an ``x_embedder`` and a ``pos_embedder``."""
+class AnimaFamily(AttentionCallFamily):
+    """Anima: ``blocks`` with ``self_attn`` / ``cross_attn`` (each with a ``q_norm``), an ``x_embedder`` and a
+    ``pos_embedder``."""
 
     name, title = "anima", "Anima"
     kinds = ("block",)
     attributes: ClassVar[dict[str, str]] = {"block": "blocks"}
+    attention: ClassVar[dict[str, str]] = {"block": "self_attn"}  # never cross_attn: its keys are the text
     default = None
     default_source = "no published Anima or Cosmos-Predict2 SEG/PAG block choice: the middle block (b14 of 28)"
 
@@ -119,22 +106,21 @@ class AnimaFamily(DitFamily):
         modules = dict(model.blocks[0].named_modules())
         return own and all(name in modules for name in ("self_attn.q_norm", "cross_attn.q_norm"))
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
+    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
         call = _Call(model)
         handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
-        for layer in layers:
-            block = self.block(model, layer)
-            handles.append(block.register_forward_pre_hook(call.recorder(layer), with_kwargs=True))
-            hook = _hook(layer, call, sigma, rows, on_skip)
-            handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, ["self_attn.q_norm"]))
+        for index, block in enumerate(model.blocks):  # a shape read per block call, whichever are chosen
+            handles.append(block.register_forward_pre_hook(call.recorder(index), with_kwargs=True))
+        return call
+
+    def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
+        where = record.where(layer)
+        if isinstance(where, str):
+            raise Skip(where)
+        frames, (h, w), total = where
+        if call.queries != total * h * w or call.keys != call.queries:
+            raise Skip(f"its {call.queries} queries are not the block's {total}x{h}x{w} token grid")
+        return ImageTokens(0, (h, w), frames, rows)
 
 
 ANIMA = AnimaFamily()

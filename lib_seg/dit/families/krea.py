@@ -1,44 +1,52 @@
-"""Krea 2: one stream of single-stream ``blocks`` over ``[txt | image | reference images]``, RoPE in the attention.
+"""Krea 2: one stream of single-stream ``blocks`` over text, reference images and the image, RoPE in the attention.
 
-Read at Neo ``webui/backend/nn/krea.py`` (de2193d; ComfyUI's ``comfy/ldm/krea2/model.py`` v0.26.1), interfaces
-only, no code taken.  ``SingleStreamDiT`` is its own architecture, not a Flux or Qwen-Image variant (it borrows
-Flux's ``EmbedND``/``apply_rope`` and Qwen-Image's VAE): 28 ``blocks`` (``SingleStreamBlock``, lines 273-287)
-of grouped-query attention (48 query heads, 12 key/value heads, head 128, a sigmoid output gate), fed by a
-text-fusion transformer (``txtfusion``) over 12 tapped Qwen3-VL layers.  It has no ``double_blocks``,
-``single_blocks`` or ``joint_blocks``, so no other family claims it; it is asked first all the same, as the
-only model with a ``txtfusion`` (the "Flux.1 Krea" checkpoint is a Flux.1 and stays with that family).
+Read at Neo 2.26 ``webui/backend/nn/krea.py`` (exo101/sd-webui-forge-neo-v3 de2193d; ComfyUI's
+``comfy/ldm/krea2/model.py`` v0.26.1) and Neo >= 2.27 ``backend/nn/krea.py`` (xxxqwerty337/
+sd-webui-forge-classic-1337 ba50f188, iqddd/stable-diffusion-webui-forge b4b6d513), interfaces only, no code
+taken.  ``SingleStreamDiT`` is its own architecture, not a Flux or Qwen-Image variant: ``blocks``
+(``SingleStreamBlock``) of grouped-query attention (48 query heads, 12 key/value heads, head 128, a sigmoid
+output gate), fed by a text-fusion transformer (``txtfusion``) over 12 tapped Qwen3-VL layers.  It has no
+``double_blocks``, ``single_blocks`` or ``joint_blocks``, so no other family claims it; it is asked first all
+the same, as the only model with a ``txtfusion`` (the "Flux.1 Krea" checkpoint is a Flux.1).
 
-* What is blurred: in each chosen block, the image-token queries of the joint attention after the QK-norm
-  and after RoPE.  Text and reference-image queries, all keys and values are untouched.
-* Hook point: ``blocks[i].attn.qknorm``, called as ``qknorm(q, k) -> (q, k)`` with q ``(B, heads, L, D)``
-  (``Attention.forward``, lines 199-212); RoPE follows inside ``apply_rope``, which no extension reaches, so
-  the forward hook returns ``R^-1 blur(R q)`` (:func:`lib_seg.dit.queries.blur_before_rope`).  The rotations
-  ``freqs`` are recorded by a pre-hook on ``blocks[i].attn`` (not on the block: the reference-image path,
-  ``_block_ref_forward`` lines 45-72, never calls the block as a module).
-* Geometry from the model and the call: the patch is the model's ``patch`` (2; else the width of ``first``),
-  odd sides are padded (``pad_to_patch_size``), so the grid is ``ceil(H / p) x ceil(W / p)`` of the latent,
-  4D or Neo's 5D Wan-layout ``(B, C, T, H, W)`` (frames folded into the batch, lines 366-369); the text
-  length is the call's ``context.squeeze(1)`` length (the text-fusion keeps it); the model's own position
-  ids, recorded at ``pe_embedder(pos)``, must put the tokens after the text row-major on that grid (text
-  ``(0, 0, 0)``, image ``(0, row, col)``, reference ``i`` ``(i + 1, row, col)``, lines 116-121, 392-397).
-  A call that fails this is left unblurred with a warning, never blurred on a guessed grid.
+* What is blurred: in each chosen block, the image-token queries as they enter the attention (after the
+  QK-norm and RoPE).  Text and reference-image queries, all keys and values are untouched.
+* Hook point: the attention call of ``blocks[i].attn`` (:mod:`lib_seg.dit.attention_call`):
+  ``attention_function(q, k, v, heads, mask=mask, skip_reshape=True, transformer_options=...)``, a
+  module global of ``krea.py`` (2.26 line 211, ba50f188 line 92), q ``(B, heads, L, D)`` after ``qknorm``
+  and RoPE (2.26 Flux's ``apply_rope``, 2.27+ ``ck.apply_rope``; neither fuses the norm).  The 2.26
+  reference path (``_forward_with_refs`` / ``_block_ref_forward``, lines 45-144) calls ``block.attn`` without
+  calling the block, so the attention module, not the block, is armed.  The text fusion's attentions call
+  the same function outside any armed module and pass untouched.
+* Token order, from the model's own position ids (recorded at ``pe_embedder(pos)``): 2.26 runs
+  ``[txt | image | references]``, 2.27+ ``[txt | reference 1 ... N | image]`` (ba50f188 lines 274-293;
+  2.27+ resizes every reference to the image's size, so each has the image's grid).  Text ids are
+  ``(0, 0, 0)``, the image's ``(0, row, col)``, reference ``i``'s ``(i + 1, row, col)``.  The image is the
+  first run of ``h * w`` tokens after the text whose ids are ``(0, row, col)`` row-major on EVERY axis: a
+  reference of the same size, ``(i + 1, row, col)``, is never taken for it.
+* Text length: the tokens entering ``txtfusion``, ``(B, L, tapped layers, width)`` in both versions (2.26
+  unpacks the call's ``(B, L, 12 * 2560)`` context after ``squeeze(1)``; 2.27+ passes the call's 4D
+  ``(B, L, 12, 2560)`` context as it is).
+* Grid: the patch is the model's ``patch`` (2; else the width of ``first``), odd sides padded, so
+  ``ceil(H / p) x ceil(W / p)`` of the latent, 4D or Neo's 5D Wan layout ``(B, C, T, H, W)`` (2.26 folds
+  frames into the batch, lines 366-369; 2.27+ squeezes the single frame).  A call whose ids hold no such
+  image is left unblurred with a warning, never blurred on a guessed grid.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lib_seg.dit.geometry import patch_grid, positions_fit_grid
+from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.layers import DitLayer
-from lib_seg.dit.queries import Rows, blur_before_rope
+from lib_seg.dit.queries import Rows
 
-from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
 
 # Released block counts: Krea-2-Raw ``transformer/config.json`` ``num_layers`` 28 (Neo
 # ``backend/huggingface/krea/Krea-2-Raw``); Neo's detection counts ``blocks.N`` (``huggingface_guess/detection.py``).
@@ -58,16 +66,32 @@ def model_patch(model: nn.Module, channels: int) -> int | None:
 
 
 def frame_rows(rows: Rows, frames: int, batch: int) -> Rows:
-    """The sequence rows of batch ``rows`` when each of the ``batch`` rows holds ``frames`` frames (Neo folds
-    ``(B, C, T, H, W)`` into ``B * T`` sequences, batch-major)."""
+    """The sequence rows of batch ``rows`` when each of the ``batch`` rows holds ``frames`` frames (Neo 2.26
+    folds ``(B, C, T, H, W)`` into ``B * T`` sequences, batch-major)."""
     if rows is None or frames == 1:
         return rows
     chosen = range(*rows.indices(batch)) if isinstance(rows, slice) else [int(row) for row in rows]
     return [row * frames + t for row in chosen for t in range(frames)]
 
 
+def image_start(ids: torch.Tensor, after: int, grid: tuple[int, int]) -> int | None:
+    """The first token from ``after`` on where ``h * w`` ids ``(0, row, col)`` follow row-major, the same in
+    every batch row (all three axes checked: a reference's ``(i + 1, row, col)`` never matches); else None."""
+    h_len, w_len = grid
+    n_image = h_len * w_len
+    if ids.dim() != 3 or ids.shape[-1] < 3 or ids.shape[1] < after + n_image:
+        return None
+    index = torch.arange(n_image, device=ids.device)
+    expected = torch.stack([torch.zeros_like(index), index // w_len, index % w_len], dim=-1).to(ids.dtype)
+    origins = (ids[:, after:, :3].abs() < 0.5).all(-1).all(0).nonzero().flatten() + after  # ids (0, 0, 0)
+    for start in origins.tolist():  # one per image-like run: the text is before ``after``
+        if start + n_image <= ids.shape[1] and ((ids[:, start : start + n_image, :3] - expected).abs() < 0.5).all():
+            return start
+    return None
+
+
 class _Call(CallFacts):
-    """What one model call tells the hooks: latent grid, text length, position ids, each layer's rotations."""
+    """What one model call tells :meth:`Krea2Family.locate`: latent grid, text length, position ids."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -78,29 +102,22 @@ class _Call(CallFacts):
         self.frames = 1
         self.n_txt: int | None = None
         self.ids: torch.Tensor | None = None
-        self.freqs: dict[DitLayer, torch.Tensor] = {}
-        self._where: tuple | str | None = None
+        self._where: tuple[tuple[int, int], int] | str | None = None
 
     def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self.reset()
-        call = arguments(model, args, kwargs)
-        x, context = call.get("x", args[0] if args else None), call.get("context")
+        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
         if torch.is_tensor(x) and x.dim() in (4, 5):
             self.latent = (int(x.shape[1]), *map(int, x.shape[-2:]))
             self.frames = int(x.shape[2]) if x.dim() == 5 else 1
-        if torch.is_tensor(context) and context.dim() in (3, 4):
-            context = context.squeeze(1)  # Neo: ``context.squeeze(1)`` before unpacking the tapped layers
-            self.n_txt = int(context.shape[1]) if context.dim() == 3 else None
+
+    def on_text(self, _fusion: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        self.n_txt = int(x.shape[1]) if torch.is_tensor(x) and x.dim() == 4 else None
 
     def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else next(iter(kwargs.values()), None)
         self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
-    def freqs_recorder(self, layer: DitLayer):
-        def pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.freqs[layer] = arguments(attn, args, kwargs).get("freqs")
-
-        return pre_hook
 
     def _locate(self) -> tuple[tuple[int, int], int] | str:
         if self.latent is None:
@@ -110,43 +127,24 @@ class _Call(CallFacts):
         if patch is None:
             return "the model's patch size could not be read"
         if self.n_txt is None:
-            return "the model call passed no text sequence"
+            return "no (B, L, layers, width) text sequence reached the text fusion"
         grid = patch_grid(height, width, patch, pad=True)
-        stop = self.n_txt + grid[0] * grid[1]
-        if self.ids is None or self.ids.shape[1] < stop:
-            return f"the model's position ids do not hold {self.n_txt} text and {grid[0]}x{grid[1]} image tokens"
-        if not positions_fit_grid(self.ids[:, self.n_txt : stop, 1:3], grid):
-            return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
-        return grid, self.n_txt
+        start = None if self.ids is None else image_start(self.ids, self.n_txt, grid)
+        if start is None:
+            return (
+                f"the model's position ids hold no {grid[0]}x{grid[1]} image, ids (0, row, column) row-major, "
+                f"after its {self.n_txt} text tokens"
+            )
+        return grid, start
 
 
-def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
-    """Forward hook on ``attn.qknorm``: ``(q, k) -> (R^-1 blur(R q), k)`` on the image queries."""
-
-    def hook(_norm: nn.Module, _args: tuple, output: Any) -> Any:
-        q, k = output
-        where = call.where()
-        if isinstance(where, str):
-            return skipped(on_skip, layer, q.shape[-2], None, where)
-        grid, n_txt = where
-        freqs = call.freqs.get(layer)
-        if q.dim() != 4 or not torch.is_tensor(freqs) or freqs.dim() != 6:
-            return skipped(on_skip, layer, q.shape[-2], grid, "no RoPE rotations reached the block")
-        image = slice(n_txt, n_txt + grid[0] * grid[1])
-        if image.stop > q.shape[2] or freqs.shape[2] != q.shape[2]:
-            return skipped(on_skip, layer, q.shape[2], grid)
-        seq_rows = frame_rows(rows, call.frames, q.shape[0] // call.frames)
-        return blur_before_rope(q, freqs, image, grid, sigma, seq_rows), k
-
-    return hook
-
-
-class Krea2Family(DitFamily):
+class Krea2Family(AttentionCallFamily):
     """Krea 2: ``blocks`` of single-stream joint attention; the letter is ``s`` (``SingleStreamBlock``)."""
 
     name, title = "krea2", "Krea 2"
     kinds = ("single",)
     attributes: ClassVar[dict[str, str]] = {"single": "blocks"}
+    attention: ClassVar[dict[str, str]] = {"single": "attn"}
     default = None
     default_source = (
         "no published Krea 2 SEG, PAG or skip-layer choice: the middle block, s14 of Krea 2's 28 "
@@ -162,23 +160,21 @@ class Krea2Family(DitFamily):
             isinstance(getattr(getattr(block, "attn", None), "qknorm", None), nn.Module) for block in model.blocks
         )
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
+    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
         call = _Call(model)
         handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+        handles.append(model.txtfusion.register_forward_pre_hook(call.on_text, with_kwargs=True))
         handles.append(model.pe_embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        for layer in layers:
-            block = self.block(model, layer)
-            attn, norm = submodules(block, layer, ["attn"])[0], submodules(block, layer, ["attn.qknorm"])[0]
-            handles.append(attn.register_forward_pre_hook(call.freqs_recorder(layer), with_kwargs=True))
-            handles.append(norm.register_forward_hook(_hook(layer, call, sigma, rows, on_skip)))
+        return call
+
+    def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
+        where = record.where()
+        if isinstance(where, str):
+            raise Skip(where)
+        grid, start = where
+        if call.batch % record.frames:
+            raise Skip(f"its {call.batch} sequences are not the {record.frames} frames of each latent row")
+        return ImageTokens(start, grid, rows=frame_rows(rows, record.frames, call.batch // record.frames))
 
 
 KREA2 = Krea2Family()
