@@ -65,6 +65,9 @@ MODEL_BLOCKS: dict[str, tuple[int, ...]] = {  # (double, single, joint, layer, b
     "wan2.2-a14b": (0, 0, 0, 0, 40),  # each expert; Wan 2.1 14B too (Wan-Video wan/configs)
     "wan2.2-ti2v-5b": (0, 0, 0, 0, 30),  # Wan 2.1 1.3B too
     "anima": (0, 0, 0, 0, 28),  # Neo huggingface_guess/detection.py
+    "anima-2.9b": (0, 0, 0, 0, 40),  # Neo 2.29 anima.py BLOCK_MAPPINGS depths 28 / 40 / 52
+    "anima-3.8b": (0, 0, 0, 0, 52),
+    "qwen-image-2.1": (0, 32),  # Neo 2.29 qwen21.py (and ComfyUI's) num_layers default
 }
 FLUX1_DEFAULT, SD3_DEFAULT = "d7-9,s7-9", "j7-9"  # published choices (module docstring)
 PUBLISHED_DEFAULTS: dict[str, str | None] = {
@@ -84,6 +87,9 @@ PUBLISHED_DEFAULTS: dict[str, str | None] = {
     "wan2.2-a14b": None,
     "wan2.2-ti2v-5b": None,
     "anima": None,
+    "anima-2.9b": None,
+    "anima-3.8b": None,
+    "qwen-image-2.1": None,
 }
 
 

@@ -113,6 +113,7 @@ def test_canonical_spec():
 MIDDLE_OF_RELEASED = {
     **{"z-image-turbo": "l15", "neta-lumina": "l13", "krea-2": "s14", "ernie-image": "l18", "pid": "j7"},
     **{"qwen-image": "j30", "wan2.2-a14b": "b20", "wan2.2-ti2v-5b": "b15", "anima": "b14"},
+    **{"anima-2.9b": "b20", "anima-3.8b": "b26", "qwen-image-2.1": "s16"},
 }
 
 
