@@ -121,10 +121,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.seg_step import Timer  # noqa: E402
 from lib_seg.core.params import SegParams  # noqa: E402
-from lib_seg.core.targets import query_target  # noqa: E402
 from lib_seg.dit.families import family_of  # noqa: E402
 from lib_seg.dit.prefix import blocks_in_order  # noqa: E402
 from lib_seg.forge import adapter as forge  # noqa: E402
+from lib_seg.targets import query_target  # noqa: E402
 from tests.support import forge_host as host  # noqa: E402
 from tests.support.dit_anima import TinyAnima  # noqa: E402
 from tests.support.dit_ernie import TinyErnie  # noqa: E402

@@ -90,12 +90,12 @@ NEO_CONFIGS = {
 class Family:
     name: str  # the lib_seg.dit.families registry's name ("flux", "flux2", "mmdit", "zimage", "wan", ...)
     layers: tuple  # the model's blocks (DitLayers) in run order, as the registry lists them
-    blocks: str  # the same in SEG's layer syntax (lib_seg.dit.layers.format_layers)
+    blocks: str  # the same in SEG's layer syntax (lib_seg.core.blocks.format_layers)
 
     @classmethod
     def of(cls, model) -> Family:
+        from lib_seg.core.blocks import format_layers
         from lib_seg.dit.families import family_of
-        from lib_seg.dit.layers import format_layers
 
         family = family_of(model)
         assert family is not None, f"no SEG family knows {type(model).__name__}"
@@ -105,7 +105,7 @@ class Family:
     def settings(self) -> tuple[tuple[str, float], ...]:
         """(layers, blur sigma): a finite blur on the middle block (the two middle ones from 4 blocks on:
         Flux's ``d1,s0``; SD3's ``j0``), and the mean on all blocks."""
-        from lib_seg.dit.layers import format_layers
+        from lib_seg.core.blocks import format_layers
 
         n = len(self.layers)
         middle = {self.layers[(n - 1) // 2], self.layers[n // 2]} if n >= 4 else {self.layers[(n - 1) // 2]}
@@ -354,8 +354,8 @@ def raised(function: Callable) -> Exception | None:
 def run_case(host: str, api, case, report) -> None:
     import torch
 
+    from lib_seg.core.blocks import resolve_layers
     from lib_seg.core.params import SegParams
-    from lib_seg.dit.layers import resolve_layers
     from lib_seg.forge import adapter
 
     family = Family.of(case.model)

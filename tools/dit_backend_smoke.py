@@ -376,7 +376,7 @@ class Reference:
 def blocks(model, kinds: tuple[tuple[str, str], ...] = FLUX_BLOCKS):
     """``(DitLayer, block)`` of every block, in run order, from a (kind, ModuleList attribute) list (a case's
     ``blocks``; Flux's and MMDiT's by default, as tools/dit_adapter_smoke.py calls it)."""
-    from lib_seg.dit.layers import DitLayer
+    from lib_seg.core.blocks import DitLayer
 
     for kind, attribute in kinds:
         for index, block in enumerate(getattr(model, attribute, ())):
@@ -436,8 +436,8 @@ def no_hooks(model) -> bool:
 
 
 def run_case(host: str, case: Case, report) -> None:
+    from lib_seg.core.blocks import resolve_layers
     from lib_seg.dit.hooks import blurred_dit_queries
-    from lib_seg.dit.layers import resolve_layers
 
     shape = tuple(case.inputs["x"].shape[2:])  # (H, W), or (T, H, W) of a 5-D latent
     latent = shape[-2:]

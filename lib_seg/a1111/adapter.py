@@ -18,7 +18,7 @@ How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_de
   and so does a batched call that runs out of memory: the main call is redone without the SEG rows and
   this step's SEG comes from the separate call, as do the pass's later steps.
 * SD3 (``sd_model.is_sd3``, an MMDiT at ``sd_model.model.diffusion_model``) runs the same two paths:
-  the network is a :mod:`lib_seg.core.targets` target, which blurs UNet attn1 layers through
+  the network is a :mod:`lib_seg.targets` target, which blurs UNet attn1 layers through
   :mod:`lib_seg.core.query_hooks` or DiT blocks through :mod:`lib_seg.dit.hooks` (A1111's SD3 sampler
   is the same ``CFGDenoiser``, with ``DictWithShape`` conds like SDXL's).
 * Errors (bad settings, layers the model lacks) are raised from inside sampling: A1111 only logs
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from lib_seg.core import batching, guidance, query_hooks, rows, schedule, targets
+from lib_seg import targets
+from lib_seg.core import batching, guidance, query_hooks, rows, schedule
 from lib_seg.core.params import SegParams
 
 log = logging.getLogger("sd_webui_seg")

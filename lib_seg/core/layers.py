@@ -20,7 +20,7 @@ Specs are validated against the layers a model really has, and errors list them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from lib_seg.core import official_layers
@@ -220,3 +220,24 @@ def canonical_spec(spec: str, available: Iterable[LayerKey]) -> str:
         resolve_layers(normal, available)  # still fail on a model that lacks the preset's layers
         return normal
     return format_layers(resolve_layers(normal, available), available)
+
+
+def official_table(available: Sequence[Any]) -> list[tuple[str, str, str]]:
+    """Rows ``(official indices, our single layers, our whole block)``, one per UNet block."""
+    blocks: dict[tuple[str, int], list[tuple[str, Any]]] = {}
+    for name, key in official_layers.official_names(available):
+        blocks.setdefault((key.part, key.block), []).append((name, key))
+    rows = []
+    for members in blocks.values():
+        (first, first_key), (last, last_key) = members[0], members[-1]
+        official = f"`{first}`" if first == last else f"`{first}`–`{last}`"
+        single = format_layers([first_key])
+        ours = f"`{single}`" if first == last else f"`{single}`–`{format_layers([last_key])}`"
+        rows.append((official, ours, f"`{format_layers([key for _, key in members], available)}`"))
+    return rows
+
+
+def official_table_markdown(available: Sequence[Any]) -> str:
+    lines = ["| official index | our layer | = our block |", "|---|---|---|"]
+    lines += [f"| {official} | {ours} | {block} |" for official, ours, block in official_table(available)]
+    return "\n".join(lines)

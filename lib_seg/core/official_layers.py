@@ -87,26 +87,3 @@ def official_names(available: Sequence[Any]) -> list[tuple[str, Any]]:
         for letter, part in OFFICIAL_PARTS.items()
         for index, key in enumerate(layers_of_part(available, part))
     ]
-
-
-def official_table(available: Sequence[Any]) -> list[tuple[str, str, str]]:
-    """Rows ``(official indices, our single layers, our whole block)``, one per UNet block."""
-    from lib_seg.core.layers import format_layers  # layers imports this module
-
-    blocks: dict[tuple[str, int], list[tuple[str, Any]]] = {}
-    for name, key in official_names(available):
-        blocks.setdefault((key.part, key.block), []).append((name, key))
-    rows = []
-    for members in blocks.values():
-        (first, first_key), (last, last_key) = members[0], members[-1]
-        official = f"`{first}`" if first == last else f"`{first}`–`{last}`"
-        single = format_layers([first_key])
-        ours = f"`{single}`" if first == last else f"`{single}`–`{format_layers([last_key])}`"
-        rows.append((official, ours, f"`{format_layers([key for _, key in members], available)}`"))
-    return rows
-
-
-def official_table_markdown(available: Sequence[Any]) -> str:
-    lines = ["| official index | our layer | = our block |", "|---|---|---|"]
-    lines += [f"| {official} | {ours} | {block} |" for official, ours, block in official_table(available)]
-    return "\n".join(lines)

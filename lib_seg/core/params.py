@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lib_seg.core import blocks as dit_layers
 from lib_seg.core import blur, layers, schedule
-from lib_seg.dit import layers as dit_layers
 
 SCALE_RANGE = (0.0, 20.0)
 HIRES_MODES = ("same", "off", "custom")

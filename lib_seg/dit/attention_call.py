@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from lib_seg.dit.layers import DitLayer
+from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.queries import Rows, blur_image_queries
 
 OVERRIDE = "optimized_attention_override"  # the key Neo >= 2.27 and ComfyUI's ``wrap_attn`` honour

@@ -21,9 +21,10 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lib_seg.core.blocks import DitLayer
+
 from .families import DitFamily, family_of
 from .families.base import SkipCallback
-from .layers import DitLayer
 from .queries import Rows
 
 __all__ = ["SkipCallback", "available_layers", "blurred_dit_queries", "default_spec", "dit_family"]

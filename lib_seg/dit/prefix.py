@@ -29,9 +29,9 @@ from types import FunctionType
 import torch
 from torch import nn
 
+from lib_seg.core.blocks import DitLayer
 from lib_seg.core.rows import RowMap, children, has_rows, is_record, map_rows
 from lib_seg.dit.families import family_of
-from lib_seg.dit.layers import DitLayer
 
 
 def blocks_in_order(model: nn.Module) -> list[tuple[DitLayer, nn.Module]]:

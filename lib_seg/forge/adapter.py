@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from lib_seg.core import query_hooks, targets
+from lib_seg import targets
+from lib_seg.core import query_hooks
 from lib_seg.core.params import SegParams
 from lib_seg.forge import host as forge_host
 from lib_seg.forge.patches import (

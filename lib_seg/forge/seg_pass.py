@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from lib_seg.core import batching, guidance, query_hooks, schedule, targets
+from lib_seg import targets
+from lib_seg.core import batching, guidance, query_hooks, schedule
 from lib_seg.core.rows import OUT_OF_MEMORY
 from lib_seg.forge import host as forge_host
 from lib_seg.forge import rows as forge_rows
@@ -33,7 +34,7 @@ class SegPass:
     pass keeps that extension's effect and the guidance holds only the blur (such steps are never
     batched).
 
-    ``dit``: on a diffusion transformer (a :class:`lib_seg.core.targets.DitTarget`) no attn1 patch exists; the
+    ``dit``: on a diffusion transformer (a :class:`lib_seg.targets.DitTarget`) no attn1 patch exists; the
     same two paths arm the family's hooks on the transformer for the call instead (:mod:`lib_seg.dit.hooks`),
     blurring only the SEG rows in the batched call.
     """

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lib_seg.a1111 import adapter as a1111
+from lib_seg.core.blocks import resolve_layers
 from lib_seg.core.params import SegParams
 from lib_seg.dit.hooks import available_layers
-from lib_seg.dit.layers import resolve_layers
 from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSD3Model
 from tests.support.dit_models import TinyMMDiT, randomize
 from tests.support.slow_seg import blurred_logits

@@ -2,7 +2,7 @@
 
 The benchmarks are not tests, but they call the adapters and the host imitations directly, so a
 refactor can break them silently (issue 14: ``seg_step.py --sigmas 10`` crashed after
-``lib_seg/core/targets.py`` came in).  Here each script runs in a subprocess as a person runs it, and
+``lib_seg/targets.py`` came in).  Here each script runs in a subprocess as a person runs it, and
 its table must have the rows and the checks its docstring describes.  Nothing here asserts on
 timings: on the CPU they mean nothing.
 """

@@ -16,8 +16,14 @@ import pytest
 import torch
 
 from lib_seg.core import layers
-from lib_seg.core.layers import LayerKey, canonical_spec, check_spec_syntax, resolve_layers, unet_layers
-from lib_seg.core.official_layers import official_table_markdown
+from lib_seg.core.layers import (
+    LayerKey,
+    canonical_spec,
+    check_spec_syntax,
+    official_table_markdown,
+    resolve_layers,
+    unet_layers,
+)
 from lib_seg.core.params import SegParams
 from tests.support.unet import SD15, SDXL, UNetModel
 

@@ -126,7 +126,7 @@ def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
 
 def test_only_the_unet_layout_is_a_unet():
     from lib_seg.core.query_hooks import as_ldm_unet
-    from lib_seg.core.targets import UnetTarget, query_target
+    from lib_seg.targets import UnetTarget, query_target
 
     unet = build_unet(TINY_SD1)
     assert as_ldm_unet(unet) is unet

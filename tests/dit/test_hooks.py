@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
+from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, dit_family
-from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from tests.support.dit_blocks import Hooks
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.slow_seg import blurred_logits

@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
-from lib_seg.core.targets import query_target
+from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.families import FAMILIES, family_of
 from lib_seg.dit.families.flux import FLUX1, FLUX2
 from lib_seg.dit.families.krea import KREA2, RELEASED, frame_rows, image_start
 from lib_seg.dit.families.mmdit import MMDIT
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
-from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.prefix import shared_prefix
+from lib_seg.targets import query_target
 from tests.support import dit_krea
 from tests.support.dit_blocks import Hooks, neo_attention, token_ids
 from tests.support.dit_flux2 import TinyFlux2

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
-from lib_seg.core.targets import query_target
+from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.families import FAMILIES, family_of
 from lib_seg.dit.families.nextdit import LUMINA2, RELEASED, ZIMAGE
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
-from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.prefix import shared_prefix
+from lib_seg.targets import query_target
 from tests.support import dit_nextdit
 from tests.support.dit_blocks import OVERRIDE, Hooks, neo_attention
 from tests.support.dit_flux2 import TinyFlux2

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
+from lib_seg.core.blocks import DitLayer, resolve_layers
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries
-from lib_seg.dit.layers import DitLayer, resolve_layers
 from lib_seg.dit.prefix import blocks_in_order, prefix_blocks, shared_prefix
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.tolerance import assert_network_close

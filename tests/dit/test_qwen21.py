@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
-from lib_seg.core.targets import query_target
+from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.attention_call import NEVER_CALLED, CallShape, ImageTokens, Skip
 from lib_seg.dit.families import FAMILIES, family_of, qwen21
 from lib_seg.dit.families.qwen import QWEN_IMAGE
 from lib_seg.dit.families.qwen21 import QWEN21, RELEASED
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
-from lib_seg.dit.layers import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.prefix import shared_prefix
+from lib_seg.targets import query_target
 from tests.support import dit_qwen21
 from tests.support.dit_blocks import OVERRIDE, Hooks, neo_attention
 from tests.support.dit_flux2 import TinyFlux2

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
+from lib_seg.core.blocks import resolve_layers
 from lib_seg.core.params import SegParams
 from lib_seg.dit.hooks import available_layers
-from lib_seg.dit.layers import resolve_layers
 from lib_seg.forge import adapter as forge
 from lib_seg.webui import infotext
 from tests.support import forge_host as host

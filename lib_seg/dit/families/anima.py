@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patched_side
-from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows
 
 from .base import AttentionCallFamily, CallShape, ImageTokens, Skip, arguments, has_blocks

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lib_seg.dit import layers as dit_layers
+from lib_seg.core import blocks as dit_layers
+from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.attention_call import AttentionCalls, CallShape, ImageTokens, Skip
-from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows
 
 __all__ = ["AttentionCallFamily", "CallShape", "DitFamily", "ImageTokens", "Skip"]
@@ -75,7 +75,7 @@ class DitFamily:
 
     def default_spec(self, model: nn.Module) -> str:
         """What ``middle`` selects on ``model``: :attr:`default` where the model has those blocks, else
-        the middle block of each stream (:func:`lib_seg.dit.layers.default_layers`)."""
+        the middle block of each stream (:func:`lib_seg.core.blocks.default_layers`)."""
         return dit_layers.default_layers(self.layers(model), self.default)
 
     def arm(

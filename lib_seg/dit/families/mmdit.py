@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lib_seg.dit import layers as dit_layers
+from lib_seg.core import blocks as dit_layers
+from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
-from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, blur_image_queries
 
 from .base import DitFamily, SkipCallback, has_blocks, skipped, submodules

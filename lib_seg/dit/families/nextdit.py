@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
-from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows
 
 from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks

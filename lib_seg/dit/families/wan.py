@@ -38,9 +38,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lib_seg.core.blocks import DitLayer
 from lib_seg.core.blur import blur_queries
 from lib_seg.dit.geometry import patched_side, positions_fit_grid
-from lib_seg.dit.layers import DitLayer
 from lib_seg.dit.queries import Rows, apply_rope
 
 from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules

@@ -1,8 +1,8 @@
-"""lib_seg.dit.layers: DiT block specs, presets, ranges, validation against the model's blocks."""
+"""lib_seg.core.blocks: DiT block specs, presets, ranges, validation against the model's blocks."""
 
 import pytest
 
-from lib_seg.dit.layers import (
+from lib_seg.core.blocks import (
     MODEL_BLOCKS,
     DitLayer,
     canonical_spec,

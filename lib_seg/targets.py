@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 
 from lib_seg.core import batching, layers, query_hooks
+from lib_seg.core import blocks as dit_layers
 from lib_seg.dit import hooks as dit_hooks
-from lib_seg.dit import layers as dit_layers
 from lib_seg.dit import prefix as dit_prefix
 
 
@@ -60,7 +60,7 @@ class UnetTarget(QueryTarget):
 
 class DitTarget(QueryTarget):
     """A diffusion transformer of a family :mod:`lib_seg.dit.families` knows; layers are
-    :class:`lib_seg.dit.layers.DitLayer`."""
+    :class:`lib_seg.core.blocks.DitLayer`."""
 
     is_dit = True
 
