@@ -11,7 +11,6 @@ reference blur.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -29,7 +28,7 @@ from tests.support.dit_anima import TinyAnima
 from tests.support.dit_blocks import Hooks, neo_attention
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
-from tests.support.slow_seg import blur_logit_rows
+from tests.support.dit_wan import blurred_frame_logits
 from tests.support.tolerance import FLOAT64_NETWORK_REL, assert_network_close, assert_within, max_abs
 
 N_TXT = 6
@@ -61,31 +60,9 @@ def _call(model, inputs) -> torch.Tensor:
         return model(**{"transformer_options": {}, **inputs})  # as Neo's KModel calls it
 
 
-@contextmanager
-def _blurred_frame_logits(blocks, sigma: float, frames: int, grid: tuple[int, int], rows=None):
-    """The slow reference: the chosen blocks' self-attention blurs the logit rows of each of the first
-    ``frames`` frames (the image; references follow) over ``grid``, frame by frame."""
-    n_frame = grid[0] * grid[1]
-    per_frame = [blur_logit_rows(slice(f * n_frame, (f + 1) * n_frame), grid, sigma, rows) for f in range(frames)]
-
-    def blur(logits: torch.Tensor) -> torch.Tensor:
-        for frame in per_frame:  # disjoint query rows: one after the other is all of them at once
-            logits = frame(logits)
-        return logits
-
-    blocks = list(blocks)
-    try:
-        for block in blocks:
-            block.hooks = Hooks(logits=blur)
-        yield
-    finally:
-        for block in blocks:
-            block.hooks = Hooks()
-
-
 def _slow(model, inputs, chosen, sigma, rows=None) -> torch.Tensor:
     latent = tuple(inputs["x"].shape[2:])
-    with _blurred_frame_logits([model.blocks[layer.index] for layer in chosen], sigma, latent[0], _grid(latent), rows):
+    with blurred_frame_logits([model.blocks[layer.index] for layer in chosen], sigma, latent[0], _grid(latent), rows):
         return _call(model, inputs)
 
 

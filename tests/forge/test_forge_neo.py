@@ -118,15 +118,11 @@ def test_neo_memory_estimate_decides_the_batched_rows(monkeypatch, sdxl):
 
 def test_neo_falls_back_to_the_separate_call_when_the_rows_do_not_fit(monkeypatch, sdxl):
     host.install(monkeypatch, "neo")
-    inputs = _inputs(TINY_SDXL)
-    x, cond, uncond = inputs
-    model = _model(sdxl, "v_prediction")
-    p = host.make_processing("neo", sdxl, model=model)
-    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
-    monkeypatch.setattr(host.get_free_memory, "free", int(1.5 * model.memory_required([4, 4, 11, 9])))
-    (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
-    assert model.rows == [4, 2]  # 6 rows did not fit: the main call, then the separate SEG call
-    assert_network_close(out, _f_space_reference(sdxl, "v_prediction", inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+
+    def tight(model):
+        monkeypatch.setattr(host.get_free_memory, "free", int(1.5 * model.memory_required([4, 4, 11, 9])))
+
+    assert _neo_step(sdxl, "v_prediction", tight) == [4, 2]  # 6 rows did not fit: main call, then SEG's own
 
 
 @pytest.mark.parametrize("extra", ["concat_latent", "ref_latents"])
@@ -156,6 +152,21 @@ def test_neo_global_extra_latents_keep_the_seg_rows_out_of_the_main_call(monkeyp
     assert model.rows == [6]  # cleared: the rows ride in the main call again
 
 
+def _neo_step(sdxl, prediction: str = "epsilon", setup=lambda model: None):
+    """One Neo sampling step with SEG (scale 3, sigma 2, ``m0``) at CFG 5; ``setup(model)`` runs after the
+    adapter is installed.  Returns the rows of every model call, after checking the image against the
+    f-space reference."""
+    inputs = _inputs(TINY_SDXL)
+    x, cond, uncond = inputs
+    model = _model(sdxl, prediction)
+    p = host.make_processing("neo", sdxl, model=model)
+    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
+    setup(model)
+    (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
+    assert_network_close(out, _f_space_reference(sdxl, prediction, inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+    return model.rows
+
+
 def test_neo_batch_cond_uncond_off_keeps_the_seg_rows_out_of_the_main_call(monkeypatch, sdxl):
     """Neo 2.29's "Batch Cond/Uncond" option off (``modules.shared.batch_cond_uncond``, youlijie/
     sd-webui-forge-classic b3b8a1e5 ``modules/shared.py``; ``can_concat_cond`` then refuses): SEG makes its
@@ -164,29 +175,17 @@ def test_neo_batch_cond_uncond_off_keeps_the_seg_rows_out_of_the_main_call(monke
 
     host.install(monkeypatch, "neo")
     monkeypatch.setitem(sys.modules, "modules.shared", types.SimpleNamespace(batch_cond_uncond=False))
-    inputs = _inputs(TINY_SDXL)
-    x, cond, uncond = inputs
-    model = _model(sdxl, "epsilon")
-    p = host.make_processing("neo", sdxl, model=model)
-    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
-    (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
-    assert model.rows == [4, 2]
-    assert_network_close(out, _f_space_reference(sdxl, "epsilon", inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+    assert _neo_step(sdxl) == [4, 2]
 
 
 def test_neo_never_oom_streaming_prefers_the_batched_rows(monkeypatch, sdxl):
     """With Neo 2.29's "Never OOM Integrated" streaming the UNet (``memory_management.UNET_ALWAYS_OFFLOAD``),
     a separate call would stream every weight again: the SEG rows ride in the main call even where the
-    estimate says no, and the result is the same."""
+    estimate says no (room for the host's 4 rows, not for 6), and the result is the same."""
     host.install(monkeypatch, "neo")
-    inputs = _inputs(TINY_SDXL)
-    x, cond, uncond = inputs
-    model = _model(sdxl, "epsilon")
-    p = host.make_processing("neo", sdxl, model=model)
-    forge.patch_unet(p, SegParams(enabled=True, scale=3.0, blur_sigma=2.0, layers="m0"))
-    free = int(1.5 * model.memory_required([4, 4, 11, 9]))  # room for the host's 4 rows, not for 6 (the test above)
-    monkeypatch.setattr(host.get_free_memory, "free", free)
-    monkeypatch.setattr(sys.modules["backend.memory_management"], "UNET_ALWAYS_OFFLOAD", True, raising=False)
-    (out,) = p.sampler.sample(x, torch.tensor([2.5, 0.0], dtype=F64), cond, uncond, 5.0)
-    assert model.rows == [6]
-    assert_network_close(out, _f_space_reference(sdxl, "epsilon", inputs, 2.5, 5.0, 3.0, 2.0, "m0"))
+
+    def streaming(model):
+        monkeypatch.setattr(host.get_free_memory, "free", int(1.5 * model.memory_required([4, 4, 11, 9])))
+        monkeypatch.setattr(sys.modules["backend.memory_management"], "UNET_ALWAYS_OFFLOAD", True, raising=False)
+
+    assert _neo_step(sdxl, setup=streaming) == [6]
