@@ -18,10 +18,10 @@ import torch
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.core.blur import blur_queries
-from lib_seg.dit.families.wan import RELEASED, blur_frames, blur_frames_before_rope, rotate
+from lib_seg.dit.families.wan import RELEASED, blur_frames, blur_frames_before_rope
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.prefix import shared_prefix
-from lib_seg.dit.queries import blur_before_rope
+from lib_seg.dit.queries import apply_rope, blur_before_rope
 from lib_seg.targets import query_target
 from tests.support.dit_anima import TinyAnima
 from tests.support.dit_blocks import Hooks, rope_complex, rope_rotations
@@ -158,12 +158,12 @@ def test_blur_frames_equals_a_loop_over_frames(frames, grid, sigma):
         blur_frames(tokens[:, 1:], frames, grid, sigma)
 
 
-def test_rotate_is_the_hosts_interleaved_rope_and_inverts():
+def test_apply_rope_on_wans_layout_is_the_hosts_interleaved_rope_and_inverts():
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 12, 2, 16, generator=generator, dtype=torch.float64)
     freqs = rope_rotations(video_ids(2, 2, 3, 2), (8, 4, 4)).movedim(1, 2)
-    assert_within(rotate(x, freqs), rope_complex(x, freqs), 1e-14 * max_abs(x), "interleaved RoPE")
-    assert_within(rotate(rotate(x, freqs), freqs.transpose(-1, -2)), x, 1e-14 * max_abs(x), "R^T R")
+    assert_within(apply_rope(x, freqs), rope_complex(x, freqs), 1e-14 * max_abs(x), "interleaved RoPE")
+    assert_within(apply_rope(apply_rope(x, freqs), freqs.transpose(-1, -2)), x, 1e-14 * max_abs(x), "R^T R")
 
 
 def test_only_video_queries_change_and_keys_values_stay():

@@ -32,7 +32,7 @@ Read at Neo ``webui/backend/nn/wan.py`` (de2193d; interfaces and math only, no c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +56,6 @@ RELEASED = {
     "wan2.2-i2v-a14b": 40,
     "wan2.2-ti2v-5b": 30,  # dim 3072, 24 heads
 }
-Pairing = Literal["interleaved", "split_half"]
 Where = tuple[int, tuple[int, int], int]  # (video frames, (h, w), frames in the sequence)
 
 
@@ -72,22 +71,6 @@ def blur_frames(tokens: torch.Tensor, frames: int, grid: tuple[int, int], sigma:
     return blur_queries(per_frame, h_len, w_len, sigma).reshape(batch, length, channels)
 
 
-def _interleave(x: torch.Tensor, pairing: Pairing) -> torch.Tensor:
-    """Channels reordered so that RoPE's pairs are adjacent: split-half pairs ``(k, k + D/2)``."""
-    return x if pairing == "interleaved" else x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
-
-
-def _deinterleave(x: torch.Tensor, pairing: Pairing) -> torch.Tensor:
-    return x if pairing == "interleaved" else x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
-def rotate(x: torch.Tensor, freqs: torch.Tensor, pairing: Pairing = "interleaved") -> torch.Tensor:
-    """RoPE by 2x2 matrices: channel pair ``k`` of each token times ``freqs[..., k, :, :]``; the pairs are
-    ``(2k, 2k+1)`` (Wan's ``apply_rope1``, Flux) or ``(k, k + D/2)`` (``"split_half"``: Anima/Cosmos).
-    ``x`` (..., D) and ``freqs`` (..., D/2, 2, 2) broadcast; rotates in float32 or wider."""
-    return _deinterleave(apply_rope(_interleave(x, pairing), freqs), pairing)
-
-
 def _batch(rows: Rows) -> slice | torch.Tensor:
     if rows is None:
         return slice(None)
@@ -101,7 +84,6 @@ def blur_frames_before_rope(
     grid: tuple[int, int],
     sigma: float,
     rows: Rows = None,
-    pairing: Pairing = "interleaved",
 ) -> torch.Tensor:
     """Pre-RoPE queries ``q'`` with ``R q' = blur_frames(R q)`` on the first ``frames * h * w`` tokens.
 
@@ -120,10 +102,10 @@ def blur_frames_before_rope(
     index = (_batch(rows), slice(0, n_video))
     work = torch.promote_types(torch.promote_types(q.dtype, freqs.dtype), torch.float32)
     turn = (freqs[index] if freqs.shape[0] == q.shape[0] else freqs[:, :n_video]).to(work)
-    rotated = rotate(q[index].to(work), turn, pairing)
+    rotated = apply_rope(q[index].to(work), turn)
     blurred = blur_frames(rotated.flatten(2), frames, grid, sigma).view_as(rotated)
     out = q.clone()
-    out[index] = rotate(blurred, turn.transpose(-1, -2), pairing).to(q.dtype)
+    out[index] = apply_rope(blurred, turn.transpose(-1, -2)).to(q.dtype)
     return out
 
 
