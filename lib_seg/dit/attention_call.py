@@ -179,7 +179,6 @@ class AttentionCalls:
             args = self.blurred(args, kwargs)
             return func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
 
-        override.seg_calls = self  # lets a second arm on the same options see it is chained (tests, ComfyUI)
         return override
 
     def with_override(self, options: Any) -> Any:
