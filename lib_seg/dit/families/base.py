@@ -183,20 +183,11 @@ def override_injector(calls: AttentionCalls):
     return pre_hook
 
 
-def seam_namespaces(module: nn.Module, via: Iterable[str] = ()) -> list[dict]:
-    """The module globals an attention module's class calls its attention function through: those of its
-    ``forward`` and, for each name in ``via`` found there, those of that function (Flux's ``attention()``,
-    which rotates q and then calls the kernel)."""
-    forward = inspect.unwrap(type(module).forward)
-    namespace = getattr(forward, "__globals__", None)
-    if not isinstance(namespace, dict):
-        return []
-    found = [namespace]
-    for name in via:
-        inner = getattr(inspect.unwrap(namespace[name]), "__globals__", None) if callable(namespace.get(name)) else None
-        if isinstance(inner, dict) and all(inner is not seen for seen in found):
-            found.append(inner)
-    return found
+def seam_namespace(module: nn.Module) -> dict | None:
+    """The module globals an attention module's class calls its attention function through (those of its
+    ``forward``: Neo's model files import ``attention_function`` there and look it up at call time)."""
+    namespace = getattr(inspect.unwrap(type(module).forward), "__globals__", None)
+    return namespace if isinstance(namespace, dict) else None
 
 
 class AttentionCallFamily(DitFamily):
@@ -207,7 +198,6 @@ class AttentionCallFamily(DitFamily):
 
     attention: ClassVar[dict[str, str]] = {}  # kind -> the block's submodule that runs its self/joint attention
     seams: tuple[str, ...] = ("attention_function",)  # module-global kernel names (Neo: ``backend.attention``)
-    via: tuple[str, ...] = ()  # module-global helpers that call the kernel from their own module
 
     def record(self, model: nn.Module, handles: list[RemovableHandle]) -> Any:
         """Register, into ``handles``, the hooks that record what one model call tells :meth:`locate`; return
@@ -238,7 +228,8 @@ class AttentionCallFamily(DitFamily):
         handles.append(model.register_forward_pre_hook(override_injector(calls), with_kwargs=True))
         for layer in layers:
             module = self.attention_module(model, layer)
-            for namespace in seam_namespaces(module, self.via):
+            namespace = seam_namespace(module)
+            if namespace is not None:
                 handles.extend(w for name in self.seams if (w := calls.wrap(namespace, name)) is not None)
             handles.extend(_expecting(module, layer, calls, partial(self.locate, record, layer, rows=rows)))
 
