@@ -169,13 +169,6 @@ def format_layers(keys: Iterable[LayerKey], available: Iterable[LayerKey] | None
     return ",".join(items)
 
 
-def default_layer_spec(family: str) -> str:
-    """The paper's default per model family: the middle block's self-attention (all of it on SDXL)."""
-    if family not in MODEL_LAYERS:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(MODEL_LAYERS)}")
-    return "middle"
-
-
 def _blocks(part: str, depths: dict[int, int]) -> list[LayerKey]:
     return [LayerKey(part, block, t) for block, depth in depths.items() for t in range(depth)]
 

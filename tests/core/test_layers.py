@@ -5,12 +5,12 @@ from lib_seg.core.layers import (
     LayerKey,
     canonical_spec,
     check_spec_syntax,
-    default_layer_spec,
     format_layers,
     layer_from_module_name,
     layers_from_module_names,
     resolve_layers,
 )
+from lib_seg.core.params import SegParams
 
 SD1, SDXL = MODEL_LAYERS["sd1"], MODEL_LAYERS["sdxl"]
 
@@ -113,9 +113,9 @@ def test_module_names():
     )
 
 
-def test_default_spec_per_family():
+def test_the_default_middle_selects_the_middle_block_on_every_family():
+    """``middle`` (the paper's default, :class:`SegParams`' default layers) is the middle block's
+    self-attention: one layer on SD1/SD2, all ten of SDXL's middle transformer."""
     for family in ("sd1", "sd2", "sdxl"):
-        assert resolve_layers(default_layer_spec(family), MODEL_LAYERS[family])[0].part == "middle"
-    assert len(resolve_layers(default_layer_spec("sdxl"), SDXL)) == 10
-    with pytest.raises(ValueError, match="unknown model family"):
-        default_layer_spec("flux")
+        assert {key.part for key in resolve_layers(SegParams().layers, MODEL_LAYERS[family])} == {"middle"}
+    assert len(resolve_layers("middle", SDXL)) == 10
