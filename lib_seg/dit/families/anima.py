@@ -37,7 +37,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patched_side
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallShape, ImageTokens, Skip, arguments, has_blocks
+from .base import AttentionCallFamily, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
 
 # Neo counts an Anima checkpoint's blocks (``huggingface_guess/detection.py``: 2.26 de2193d hard-codes 28;
 # 2.29 b3b8a1e5 ``count_blocks(... "blocks.")``, width 2048 and 16 heads asserted), and 2.29's ``anima.py``
@@ -114,10 +114,7 @@ class AnimaFamily(AttentionCallFamily):
         return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
-        where = record.where(layer)
-        if isinstance(where, str):
-            raise Skip(where)
-        frames, (h, w), total = where
+        frames, (h, w), total = placed(record.where(layer))
         if call.queries != total * h * w or call.keys != call.queries:
             raise Skip(f"its {call.queries} queries are not the block's {total}x{h}x{w} token grid")
         return ImageTokens(0, (h, w), frames, rows)

@@ -115,9 +115,16 @@ class DitFamily:
 class CallFacts:
     """What one model call tells a family's hooks, with the image tokens' place worked out once per call:
     :meth:`where` caches :meth:`_locate` (the family's own: grid and offsets, or the reason they cannot be
-    placed); a subclass sets ``_where = None`` when a new call starts."""
+    placed); a subclass sets ``_where = None`` when a new call starts.  :meth:`on_ids` records the position
+    ids a model gives its RoPE embedder (a forward pre-hook on it), which the families check the grid with."""
 
     _where: Any = None
+    ids: torch.Tensor | None = None
+
+    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
+        self._where = None  # placed anew with these ids
 
     def where(self) -> Any:
         if self._where is None:
@@ -126,6 +133,14 @@ class CallFacts:
 
     def _locate(self) -> Any:
         raise NotImplementedError
+
+
+def placed(where: Any) -> Any:
+    """A family's :meth:`CallFacts.where` answer for :meth:`AttentionCallFamily.locate`: the placement, or
+    :class:`Skip` with the reason it could not be placed (``where`` answers with the reason's text)."""
+    if isinstance(where, str):
+        raise Skip(where)
+    return where
 
 
 def has_blocks(model: Any, *attributes: str) -> bool:

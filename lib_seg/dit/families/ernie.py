@@ -38,7 +38,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
 
 # Released layer count: baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36
 # (Neo ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
@@ -87,10 +87,6 @@ class _Call(CallFacts):
         self.latent = tuple(map(int, x.shape[-2:])) if torch.is_tensor(x) and x.dim() == 4 else None
         self.n_txt = int(context.shape[1]) if torch.is_tensor(context) and context.dim() == 3 else None
 
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
     def _locate(self) -> tuple[tuple[int, int], int] | str:
         patch = model_patch(self.model)
         if self.latent is None or patch is None or self.n_txt is None:
@@ -134,10 +130,7 @@ class ErnieImageFamily(AttentionCallFamily):
         return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
-        where = record.where()
-        if isinstance(where, str):
-            raise Skip(where)
-        grid, n_txt = where
+        grid, n_txt = placed(record.where())
         if call.queries != grid[0] * grid[1] + n_txt:
             raise Skip(f"{call.queries} queries are not {grid[0]}x{grid[1]} image and {n_txt} text tokens")
         return ImageTokens(0, grid, rows=rows)

@@ -67,10 +67,6 @@ class _Call(CallFacts):
         if torch.is_tensor(context) and context.dim() == 3:
             self.n_context = int(context.shape[1])
 
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
     def on_text(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         txt = arguments(block, args, kwargs).get("txt")
         self.n_txt = int(txt.shape[1]) if torch.is_tensor(txt) and txt.dim() == 3 else None

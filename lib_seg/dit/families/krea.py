@@ -46,7 +46,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
 
 # Released block counts: Krea-2-Raw ``transformer/config.json`` ``num_layers`` 28 (Neo
 # ``backend/huggingface/krea/Krea-2-Raw``); Neo's detection counts ``blocks.N`` (``huggingface_guess/detection.py``).
@@ -115,10 +115,6 @@ class _Call(CallFacts):
         x = args[0] if args else kwargs.get("x")
         self.n_txt = int(x.shape[1]) if torch.is_tensor(x) and x.dim() == 4 else None
 
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
     def _locate(self) -> tuple[tuple[int, int], int] | str:
         if self.latent is None:
             return "the model call passed no 4D or 5D latent"
@@ -168,10 +164,7 @@ class Krea2Family(AttentionCallFamily):
         return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
-        where = record.where()
-        if isinstance(where, str):
-            raise Skip(where)
-        grid, start = where
+        grid, start = placed(record.where())
         if call.batch % record.frames:
             raise Skip(f"its {call.batch} sequences are not the {record.frames} frames of each latent row")
         return ImageTokens(start, grid, rows=frame_rows(rows, record.frames, call.batch // record.frames))

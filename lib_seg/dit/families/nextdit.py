@@ -41,7 +41,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, arguments, has_blocks, placed
 
 # Main ``layers`` of the released models (each also has 2 noise_refiner + 2 context_refiner layers).
 RELEASED: dict[str, int] = {
@@ -101,10 +101,6 @@ class _Call(CallFacts):
         if torch.is_tensor(context) and context.dim() == 3:
             self.n_context = int(context.shape[1])
 
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-
     def _locate(self) -> Where | str:
         if self.latent is None:
             return "the model call passed no 4D latent"
@@ -160,10 +156,7 @@ class NextDiTFamily(AttentionCallFamily):
         return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
-        where = record.where()
-        if isinstance(where, str):
-            raise Skip(where)
-        grid, n_cap = where
+        grid, n_cap = placed(record.where())
         return ImageTokens(n_cap, grid, rows=rows)
 
 

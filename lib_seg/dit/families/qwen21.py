@@ -47,7 +47,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import positions_fit_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
 from .qwen import FOREIGN
 
 # Blocks of the released model: ``num_layers=32``, the default of ``QwenImage21Transformer2DModel`` in Neo's
@@ -79,11 +79,6 @@ class _Call(CallFacts):
         x = arguments(model, args, kwargs).get("x", args[0] if args else None)
         if torch.is_tensor(x) and x.dim() == 4:
             self.latent = (int(x.shape[-2]), int(x.shape[-1]))
-
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-        self._where = None
 
     def _locate(self) -> Where | str:
         if self.latent is None:
@@ -135,10 +130,7 @@ class Qwen21Family(AttentionCallFamily):
         return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens | None:
-        where = record.where()
-        if isinstance(where, str):
-            raise Skip(where)
-        grid, total = where
+        grid, total = placed(record.where())
         if call.keys < total:  # a text or reference segment's call (they see only the tokens up to their end)
             return None
         n_image = grid[0] * grid[1]
