@@ -23,9 +23,8 @@ from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spe
 from lib_seg.dit.prefix import shared_prefix
 from lib_seg.targets import query_target
 from tests.core.test_blur import reference_blur
-from tests.support import dit_anima
 from tests.support.dit_anima import TinyAnima
-from tests.support.dit_blocks import Hooks, neo_attention
+from tests.support.dit_blocks import Hooks
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.dit_wan import blurred_frame_logits
@@ -162,16 +161,6 @@ def test_a_self_attention_that_reaches_no_seam_is_reported_not_silently_skipped(
     assert torch.equal(got, _call(model, inputs))
     assert [s[0] for s in skips] == list(chosen) and all("never reached SEG" in s[3] for s in skips)
     assert all(s[1] == 3 * 3 for s in skips)  # the tokens the self-attention got
-
-
-def test_the_module_global_is_restored_and_no_hook_outlives_the_block():
-    model = _build("2.29")
-    chosen = resolve_layers("all", available_layers(model))
-    with pytest.raises(RuntimeError, match="interrupted"), blurred_dit_queries(model, chosen, 2.0):
-        assert dit_anima.attention_function is not neo_attention  # wrapped while armed
-        raise RuntimeError("interrupted")
-    assert dit_anima.attention_function is neo_attention
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_prefix_reuse_skips_the_seg_rows_in_the_prefix_blocks():

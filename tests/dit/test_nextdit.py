@@ -25,8 +25,7 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.prefix import shared_prefix
 from lib_seg.targets import query_target
-from tests.support import dit_nextdit
-from tests.support.dit_blocks import OVERRIDE, Hooks, neo_attention
+from tests.support.dit_blocks import OVERRIDE, Hooks
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_models import TinyFlux, TinyMMDiT
 from tests.support.dit_nextdit import TinyNextDiT, build
@@ -194,16 +193,6 @@ def test_the_override_chains_in_front_of_another_extensions_and_leaves_the_calle
         got = model(**inputs, transformer_options=options)
     assert options == {OVERRIDE: other} and len(seen) == 3 + 2 * 2  # every attention call reached it
     assert_network_close(got, _slow(model, inputs, chosen, 2.0))
-
-
-def test_the_module_global_is_restored_and_no_hook_outlives_the_block():
-    model = build(seed=11)
-    chosen = resolve_layers("all", available_layers(model))
-    with pytest.raises(RuntimeError, match="interrupted"), blurred_dit_queries(model, chosen, 2.0):
-        assert dit_nextdit.attention_function is not neo_attention  # wrapped while armed
-        raise RuntimeError("interrupted")
-    assert dit_nextdit.attention_function is neo_attention
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_prefix_reuse_skips_the_seg_rows_of_the_layers_before_the_first_blurred_one():
