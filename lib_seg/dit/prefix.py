@@ -47,11 +47,6 @@ def prefix_plan(model: nn.Module, layers: Iterable[DitLayer]) -> tuple[list[nn.M
     return ([], []) if family is None else family.prefix(model, layers)
 
 
-def prefix_blocks(model: nn.Module, layers: Iterable[DitLayer]) -> list[nn.Module]:
-    """The modules the SEG rows skip before the first of ``layers``."""
-    return prefix_plan(model, layers)[0]
-
-
 def _plain(value: object) -> bool:
     """An argument we can slim or leave: a tensor, something that holds no tensor (a plain function among
     them: an attention override in ``transformer_options``), or a tuple, list, dict or dataclass of such."""

@@ -21,7 +21,7 @@ from lib_seg.dit.families import FAMILIES, family_of
 from lib_seg.dit.families.pixeldit import PIXELDIT, RELEASED, rotations_fit_grid
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
-from lib_seg.dit.prefix import prefix_blocks, shared_prefix
+from lib_seg.dit.prefix import prefix_plan, shared_prefix
 from lib_seg.targets import query_target
 from tests.support.dit_blocks import Hooks
 from tests.support.dit_ernie import TinyErnie
@@ -181,7 +181,7 @@ def test_prefix_reuse_falls_back_to_full_rows(lq):
     model = _build(lq=lq)
     inputs = {k: with_seg_rows(v, 1) for k, v in _inputs((8, 12), batch=1).items()}
     chosen = resolve_layers("j2,b1", available_layers(model))
-    assert prefix_blocks(model, chosen) == []
+    assert prefix_plan(model, chosen)[0] == []
     drop, expand = partial(without_seg_rows, n_cond=1), partial(with_seg_rows, n_cond=1)
     with blurred_dit_queries(model, chosen, 2.0, rows=slice(1, 2)):
         full = _call(model, inputs)

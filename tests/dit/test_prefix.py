@@ -12,7 +12,7 @@ from torch import nn
 from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, resolve_layers
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries
-from lib_seg.dit.prefix import blocks_in_order, prefix_blocks, shared_prefix
+from lib_seg.dit.prefix import blocks_in_order, prefix_plan, shared_prefix
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.tolerance import assert_network_close
 
@@ -148,7 +148,7 @@ def test_blocks_with_rows_inside_other_objects_are_not_slimmed():
 
 def test_no_prefix_before_the_first_block():
     model = TinyMMDiT(depth=3)
-    assert prefix_blocks(model, [DitLayer("joint", 0), DitLayer("joint", 2)]) == []
-    assert prefix_blocks(model, [DitLayer("joint", 2)]) == list(model.joint_blocks[:2])
+    assert prefix_plan(model, [DitLayer("joint", 0), DitLayer("joint", 2)])[0] == []
+    assert prefix_plan(model, [DitLayer("joint", 2)])[0] == list(model.joint_blocks[:2])
     flux = TinyFlux(depth=2, single=3)
-    assert prefix_blocks(flux, [DitLayer("single", 1)]) == [*flux.double_blocks, flux.single_blocks[0]]
+    assert prefix_plan(flux, [DitLayer("single", 1)])[0] == [*flux.double_blocks, flux.single_blocks[0]]
