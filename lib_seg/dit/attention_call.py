@@ -90,14 +90,8 @@ def query_layout(q: Any, kwargs: dict) -> str | None:
 
 def blur_call_queries(q: torch.Tensor, layout: str, image: ImageTokens, sigma: float) -> torch.Tensor:
     """``q`` with the image rows blurred, each frame over its own grid (no temporal blur)."""
-    if image.frames == 1:
-        return blur_image_queries(q, slice(image.start, image.stop), image.grid, sigma, layout, image.rows)
-    out = q
-    n_frame = image.grid[0] * image.grid[1]
-    for frame in range(image.frames):  # frames are independent: the same blur on each frame's rows
-        start = image.start + frame * n_frame
-        out = blur_image_queries(out, slice(start, start + n_frame), image.grid, sigma, layout, image.rows)
-    return out
+    image_rows = slice(image.start, image.stop)
+    return blur_image_queries(q, image_rows, image.grid, sigma, layout, image.rows, image.frames)
 
 
 class _Wrapper:

@@ -28,7 +28,7 @@ Rows = slice | Sequence[int] | torch.Tensor | None
 LAYOUTS: dict[str, int] = {"bhld": 4, "blhd": 4, "bld": 3}  # layout -> tensor dimensions
 
 
-def _check(q: torch.Tensor, image: slice, grid: tuple[int, int], layout: str) -> None:
+def _check(q: torch.Tensor, image: slice, grid: tuple[int, int], layout: str, frames: int = 1) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown query layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if q.dim() != LAYOUTS[layout]:
@@ -36,10 +36,12 @@ def _check(q: torch.Tensor, image: slice, grid: tuple[int, int], layout: str) ->
     length = q.shape[2 if layout == "bhld" else 1]
     start, stop, step = image.indices(length)
     h_len, w_len = grid
-    if step != 1 or stop - start != h_len * w_len:
+    if step != 1 or frames < 1 or stop - start != frames * h_len * w_len:
+        grid_text = f"the {h_len}x{w_len} patch grid"
+        what = grid_text if frames == 1 else f"{frames} frames of {grid_text}"
         raise ValueError(
-            f"image tokens {image} of a {length}-token sequence are not the {h_len}x{w_len} patch grid "
-            f"({h_len * w_len} consecutive tokens)"
+            f"image tokens {image} of a {length}-token sequence are not {what} "
+            f"({frames * h_len * w_len} consecutive tokens)"
         )
 
 
@@ -54,15 +56,15 @@ def _index(layout: str, rows: Rows, image: slice) -> tuple:
     return (batch, slice(None), image) if layout == "bhld" else (batch, image)
 
 
-def _blur_tokens(part: torch.Tensor, grid: tuple[int, int], sigma: float, layout: str) -> torch.Tensor:
-    """Blur image queries over the grid: every head x channel is one channel of the blur."""
-    if layout == "bld":
-        return blur_queries(part, grid[0], grid[1], sigma)
-    if layout == "blhd":
-        return blur_queries(part.flatten(2), grid[0], grid[1], sigma).view_as(part)
-    tokens = part.transpose(1, 2)  # (B, N, heads, D)
-    blurred = blur_queries(tokens.flatten(2), grid[0], grid[1], sigma)
-    return blurred.view(tokens.shape).transpose(1, 2)
+def _blur_tokens(part: torch.Tensor, grid: tuple[int, int], sigma: float, layout: str, frames: int = 1) -> torch.Tensor:
+    """Blur image queries over the grid, each of ``frames`` consecutive frames over its own (one product for
+    all frames: they are batch rows of the blur); every head x channel is one channel of the blur."""
+    tokens = part.transpose(1, 2) if layout == "bhld" else part  # (B, F*N, heads, D) or (B, F*N, C)
+    shape = tokens.shape
+    flat = tokens.flatten(2) if tokens.dim() == 4 else tokens
+    per_frame = flat.reshape(shape[0] * frames, shape[1] // frames, flat.shape[-1])
+    blurred = blur_queries(per_frame, grid[0], grid[1], sigma).reshape(shape)
+    return blurred.transpose(1, 2) if layout == "bhld" else blurred
 
 
 def blur_image_queries(
@@ -72,19 +74,21 @@ def blur_image_queries(
     sigma: float,
     layout: Layout,
     rows: Rows = None,
+    frames: int = 1,
 ) -> torch.Tensor:
     """A copy of ``q`` with the image queries blurred over the ``grid = (h_len, w_len)`` patch grid.
 
     ``layout``: ``"bhld"`` (B, heads, L, D) as Flux/Chroma's q after RoPE; ``"blhd"`` (B, L, heads, D)
     as MMDiT's ``ln_q`` output; ``"bld"`` (B, L, heads*D) as MMDiT's q entering attention.
     ``image`` is the slice of the token axis holding the image (row-major over the grid), ``rows``
-    optionally limits the blur to some batch rows (the SEG rows of a batched call).  Everything else
-    (text and extra tokens, other rows) is copied bit for bit.
+    optionally limits the blur to some batch rows (the SEG rows of a batched call).  With ``frames`` > 1
+    the image is that many consecutive frames of the grid (a video), each blurred over its own grid (no
+    temporal blur).  Everything else (text and extra tokens, other rows) is copied bit for bit.
     """
-    _check(q, image, grid, layout)
+    _check(q, image, grid, layout, frames)
     index = _index(layout, rows, image)
     out = q.clone()
-    out[index] = _blur_tokens(q[index], grid, sigma, layout)
+    out[index] = _blur_tokens(q[index], grid, sigma, layout, frames)
     return out
 
 

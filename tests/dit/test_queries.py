@@ -124,3 +124,25 @@ def test_errors(shape, layout, image, grid, match):
 def test_sigma_is_checked():
     with pytest.raises(ValueError, match="blur sigma must be > 0"):
         blur_image_queries(torch.zeros(1, 4, 2), slice(0, 4), (2, 2), 0.0, "bld")
+
+
+@pytest.mark.parametrize("layout", ["bld", "blhd", "bhld"])
+def test_frames_are_blurred_each_over_its_own_grid_in_one_call(layout):
+    """``frames`` consecutive frames (a video's image tokens) blur as that many single-frame blurs would,
+    every other token and the unchosen batch rows bit for bit; a slice that is not whole frames fails."""
+    generator = torch.Generator().manual_seed(5)
+    shape = {"bld": (3, 2 + 3 * 12 + 1, 8), "blhd": (3, 2 + 3 * 12 + 1, 2, 4), "bhld": (3, 2, 2 + 3 * 12 + 1, 4)}
+    q = torch.randn(*shape[layout], generator=generator, dtype=torch.float64)
+    grid, rows = (3, 4), [0, 2]
+    got = blur_image_queries(q, slice(2, 2 + 36), grid, 1.5, layout, rows, frames=3)
+    expected = q
+    for frame in range(3):
+        start = 2 + 12 * frame
+        expected = blur_image_queries(expected, slice(start, start + 12), grid, 1.5, layout, rows)
+    bound = 2 * sum_rounding_bound(torch.float64, 2 * sum(grid), max_abs(q))  # two separable passes, each way
+    assert_within(got, expected, bound, "frames in one call vs one call per frame")
+    untouched = [t for t in range(shape[layout][2 if layout == "bhld" else 1]) if not 2 <= t < 38]
+    pick = (slice(None), slice(None), untouched) if layout == "bhld" else (slice(None), untouched)
+    assert torch.equal(got[pick], q[pick]) and torch.equal(got[1], q[1])
+    with pytest.raises(ValueError, match="are not 3 frames of the 3x4 patch grid"):
+        blur_image_queries(q, slice(2, 37), grid, 1.5, layout, rows, frames=3)
