@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from contextlib import contextmanager, nullcontext  # noqa: E402
 
 from lib_seg.a1111 import adapter as a1111  # noqa: E402
-from lib_seg.core import query_hooks  # noqa: E402
 from lib_seg.core.blur import blur_queries  # noqa: E402
 from lib_seg.core.params import SegParams  # noqa: E402
+from lib_seg.unet import hooks as unet_hooks  # noqa: E402
 from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel  # noqa: E402
 from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel  # noqa: E402
 
@@ -82,12 +82,12 @@ def make_inputs(model: FakeSDModel, batch: int, side: int, device, dtype) -> dic
 @contextmanager
 def no_blur():
     """The hooks still run and copy rows; only the blur itself is skipped."""
-    original = query_hooks.blur_queries
-    query_hooks.blur_queries = lambda q, height, width, sigma: q
+    original = unet_hooks.blur_queries
+    unet_hooks.blur_queries = lambda q, height, width, sigma: q
     try:
         yield
     finally:
-        query_hooks.blur_queries = original
+        unet_hooks.blur_queries = original
 
 
 def seg_run(mode: str, layers: str, sigma: float) -> a1111.SegRun:
@@ -142,7 +142,7 @@ def blur_ms(model: FakeSDModel, inputs: dict, layers: str, sigma: float, repeats
         unet.get_submodule(f"{name}").register_forward_pre_hook(
             lambda m, a, n=name: grids.__setitem__(n, tuple(a[0].shape[-2:]))
         )
-        for name in {a1111.query_hooks.spatial_transformer_name(k) for k in chosen}
+        for name in {unet_hooks.spatial_transformer_name(k) for k in chosen}
     ]
     cond_rows = inputs["x"].shape[0]
     with torch.no_grad():
@@ -151,8 +151,8 @@ def blur_ms(model: FakeSDModel, inputs: dict, layers: str, sigma: float, repeats
     for h in handles:
         h.remove()
     for key in chosen:
-        h, w = grids[a1111.query_hooks.spatial_transformer_name(key)]
-        channels = unet.get_submodule(a1111.query_hooks.attn1_name(key)).to_q.out_features
+        h, w = grids[unet_hooks.spatial_transformer_name(key)]
+        channels = unet.get_submodule(unet_hooks.attn1_name(key)).to_q.out_features
         shapes.append((cond_rows, h, w, channels))
     qs = [torch.randn(b, h * w, c, device=inputs["x"].device, dtype=inputs["x"].dtype) for b, h, w, c in shapes]
 

@@ -2,33 +2,51 @@
 
 The adapters ask a target four things: which layers the loaded model has, which of them a spec
 selects, what infotext records, and a context manager in which one call of the model blurs the chosen
-queries.  A UNet answers with :mod:`lib_seg.core.layers` and :mod:`lib_seg.core.query_hooks` (A1111's path; the
+queries.  A UNet answers with :mod:`lib_seg.core.layers` and :mod:`lib_seg.unet.hooks` (A1111's path; the
 Forge family patches attn1 instead), a DiT with :mod:`lib_seg.dit`.  The same spec text means
 different layers on each: ``d4`` is UNet input block 4 but Flux double block 4; the loaded model decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import cached_property
 from typing import Any
 
 from torch import nn
 
-from lib_seg.core import batching, layers, query_hooks
 from lib_seg.core import blocks as dit_layers
+from lib_seg.core import layers, skips
+from lib_seg.core.skips import SkipCallback
 from lib_seg.dit import hooks as dit_hooks
 from lib_seg.dit import prefix as dit_prefix
+from lib_seg.unet import hooks as unet_hooks
+from lib_seg.unet import prefix as unet_prefix
 
 
 class QueryTarget:
-    """What both kinds share: the module, and whether it is a DiT (its layers are blocks)."""
+    """What every target shares: the module, whether it is a DiT (its layers are blocks), and
+    :meth:`blurring`, the one way :mod:`lib_seg.step` blurs a call."""
 
     is_dit = False
+    block_modifiers: tuple = ()  # Forge-family block modifiers the patcher must carry (attn1 patches' grid)
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
+        raise NotImplementedError
+
+    @contextmanager
+    def blurring(
+        self, keys: Iterable, sigma: float, rows: slice | None, on_skip: SkipCallback | None, options: dict
+    ) -> Iterator[dict]:
+        """Within the block, a call of the model with the yielded transformer options blurs the queries of
+        ``keys`` (batch ``rows`` only, if given).  Module-hook targets yield ``options`` unchanged; a target
+        that blurs through the host's patches yields a copy that carries them."""
+        with self.blurred(keys, sigma, rows, on_skip):
+            yield options
 
 
 class UnetTarget(QueryTarget):
@@ -45,17 +63,17 @@ class UnetTarget(QueryTarget):
         return layers.canonical_spec(spec, self.available)
 
     def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
-        return query_hooks.blurred_queries(self.model, keys, sigma, rows, on_skip)
+        return unet_hooks.blurred_queries(self.model, keys, sigma, rows, on_skip)
 
-    def skip_warner(self) -> query_hooks.SkipCallback:
-        return query_hooks.skip_warner(layers.format_layers)
+    def skip_warner(self) -> SkipCallback:
+        return unet_hooks.skip_warner()
 
     def shared_prefix(self, keys: Iterable, total_rows: int, main_rows: int, drop, expand) -> AbstractContextManager:
         """Compute the SEG rows of the blocks before the first chosen layer once (see ``batching``)."""
-        return batching.shared_prefix(self.model, keys, total_rows, main_rows, drop, expand)
+        return unet_prefix.shared_prefix(self.model, keys, total_rows, main_rows, drop, expand)
 
     def prefix_pays(self, seg_rows: int) -> bool:
-        return batching.prefix_pays(seg_rows)
+        return unet_prefix.prefix_pays(seg_rows)
 
 
 class DitTarget(QueryTarget):
@@ -82,8 +100,8 @@ class DitTarget(QueryTarget):
     def blurred(self, keys: Iterable, sigma: float, rows: slice | None = None, on_skip=None) -> AbstractContextManager:
         return dit_hooks.blurred_dit_queries(self.model, keys, sigma, rows, on_skip)
 
-    def skip_warner(self) -> query_hooks.SkipCallback:
-        return query_hooks.skip_warner(dit_layers.format_layers)
+    def skip_warner(self) -> SkipCallback:
+        return skips.skip_warner(dit_layers.format_layers)
 
     def shared_prefix(self, keys: Iterable, total_rows: int, main_rows: int, drop, expand) -> AbstractContextManager:
         return dit_prefix.shared_prefix(self.model, keys, total_rows, main_rows, drop, expand)
@@ -94,11 +112,14 @@ class DitTarget(QueryTarget):
         return True
 
 
-def query_target(model: Any) -> UnetTarget | DitTarget | None:
-    """The target for a diffusion model module, or None when SEG cannot blur it."""
-    unet = query_hooks.as_ldm_unet(model)
+def query_target(model: Any, unet_target: Callable[[nn.Module], QueryTarget] | None = None) -> QueryTarget | None:
+    """The target for a diffusion model module, or None when SEG cannot blur it.
+
+    ``unet_target``: how this host blurs a UNet (default :class:`UnetTarget`, module hooks; the Forge family
+    passes its attn1-patch target)."""
+    unet = unet_hooks.as_ldm_unet(model)
     if unet is not None:
-        return UnetTarget(unet)
+        return (unet_target or UnetTarget)(unet)
     if dit_hooks.dit_family(model) is not None:
         return DitTarget(model)
     return None

@@ -14,12 +14,12 @@ How SEG runs on A1111 (interfaces read from v1.10.1 ``modules/sd_samplers_cfg_de
 * Batched mode (``batch_rows``, when the host batches cond and uncond in one call of equal token
   length): the callback inserts the SEG rows between the cond and the uncond rows instead, the
   inner model's call blurs only those rows, and with ``prefix_reuse`` the blocks before the first
-  blurred one compute them once (:mod:`lib_seg.core.batching`).  Anything else uses the separate call,
+  blurred one compute them once (:mod:`lib_seg.unet.prefix`).  Anything else uses the separate call,
   and so does a batched call that runs out of memory: the main call is redone without the SEG rows and
   this step's SEG comes from the separate call, as do the pass's later steps.
 * SD3 (``sd_model.is_sd3``, an MMDiT at ``sd_model.model.diffusion_model``) runs the same two paths:
   the network is a :mod:`lib_seg.targets` target, which blurs UNet attn1 layers through
-  :mod:`lib_seg.core.query_hooks` or DiT blocks through :mod:`lib_seg.dit.hooks` (A1111's SD3 sampler
+  :mod:`lib_seg.unet.hooks` or DiT blocks through :mod:`lib_seg.dit.hooks` (A1111's SD3 sampler
   is the same ``CFGDenoiser``, with ``DictWithShape`` conds like SDXL's).
 * Errors (bad settings, layers the model lacks) are raised from inside sampling: A1111 only logs
   exceptions from script hooks, but one from the denoiser fails the request with the message.
@@ -31,16 +31,17 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
-from lib_seg import targets
-from lib_seg.core import batching, guidance, query_hooks, rows, schedule
+from lib_seg import step, targets
+from lib_seg.core import rows, schedule
 from lib_seg.core.params import SegParams
+from lib_seg.core.skips import SkipCallback
+from lib_seg.step import RowLayout, SegStep
 
 log = logging.getLogger("sd_webui_seg")
 
@@ -109,24 +110,31 @@ class BatchedStep:
 
     n_cond: int
     rows: tuple[int, ...]
-    setting: tuple[float, float]
     ran: bool = False  # set once the main call really blurred the SEG rows
+
+    def layout(self, total: int) -> RowLayout:
+        n = self.n_cond
+        drop, expand = partial(rows.without_seg_rows, n_cond=n), partial(rows.with_seg_rows, n_cond=n)
+        return RowLayout(total, slice(n, 2 * n), drop, expand)
 
 
 @dataclass
 class SegRun:
-    """SEG for one sampling pass: validated settings, or the error to raise inside sampling."""
+    """SEG for one sampling pass: validated settings, or the error to raise inside sampling.
+
+    The step itself (window, blur, prefix, out-of-memory fallback, combination) is :class:`lib_seg.step.SegStep`,
+    one per network (the refiner may swap it mid-run); this class translates A1111's denoiser objects."""
 
     params: SegParams | None
     is_hr_pass: bool = False
     error: Exception | None = None
     batch_rows: bool = False
     prefix_reuse: bool = True
+    on_skip: SkipCallback | None = None  # None: the target's warner
     captured: tuple | None = None
     batched: BatchedStep | None = None
     wrapped_models: list = field(default_factory=list)
-    on_skip: query_hooks.SkipCallback | None = None  # None: the target's warner
-    _resolved: dict = field(default_factory=dict)
+    _steps: dict = field(default_factory=dict)
 
     def capture(self, denoiser_params: Any) -> None:
         """``cfg_denoiser`` callback: keep the cond rows of the main pass (they come first), and in
@@ -135,15 +143,12 @@ class SegRun:
         n = cond_rows(dp.text_cond)
         self.captured = (dp.x[:n], dp.sigma[:n], dp.image_cond[:n], dp.text_cond)
         self.batched = None
-        if self.error is not None or not self.batch_rows or not self._batchable(dp):
-            return
-        setting = self.active(dp.denoiser)
-        if setting is None:
+        if self.error is not None or not self.batch_rows or not self._batchable(dp) or not self.active(dp.denoiser):
             return
         uncond = dp.x.shape[0] - n
-        dp.x, dp.sigma, dp.image_cond = (batching.with_seg_rows(t, n) for t in (dp.x, dp.sigma, dp.image_cond))
+        dp.x, dp.sigma, dp.image_cond = (rows.with_seg_rows(t, n) for t in (dp.x, dp.sigma, dp.image_cond))
         dp.text_cond = _doubled(dp.text_cond)
-        self.batched = BatchedStep(n, (2 * n + uncond, 2 * n), setting)
+        self.batched = BatchedStep(n, (2 * n + uncond, 2 * n))
         if _wrap_inner_forward(dp.denoiser):
             self.wrapped_models.append(dp.denoiser.inner_model)
 
@@ -153,61 +158,69 @@ class SegRun:
         uncond = getattr(dp, "text_uncond", None)
         return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
 
-    def layers_for(self, target: targets.QueryTarget) -> tuple:
-        """Resolve the spec against the network in use now (the refiner may swap it mid-run)."""
+    def step_for(self, target: targets.QueryTarget) -> SegStep:
+        """The step on the network in use now; raises ``ValueError`` when it lacks the chosen layers."""
         key = id(target.model)
-        if key not in self._resolved:
-            self._resolved[key] = target.resolve(self.params.layers)
-        if self.on_skip is None:
-            self.on_skip = target.skip_warner()
-        return self._resolved[key]
+        if key not in self._steps:
+            window = (self.params.start, self.params.end)
+            self._steps[key] = step.prepare(
+                target, self.params.layers, self.setting, window, prefix_reuse=self.prefix_reuse, on_skip=self.on_skip
+            )
+            self.on_skip = self._steps[key].on_skip  # one warning per layer across the pass's networks
+        return self._steps[key]
 
-    def active(self, denoiser: Any) -> tuple[float, float] | None:
+    def layers_for(self, target: targets.QueryTarget) -> tuple:
+        return self.step_for(target).keys
+
+    @property
+    def setting(self) -> tuple[float, float] | None:
+        return self.params.for_pass(self.is_hr_pass) if self.params else None
+
+    def active(self, denoiser: Any) -> bool:
         if self.error is not None:
             raise self.error
-        setting = self.params.for_pass(self.is_hr_pass) if self.params else None
-        if setting is None:
-            return None
-        progress = schedule.progress(denoiser.step, denoiser.total_steps or 0)
-        return setting if schedule.in_window(progress, self.params.start, self.params.end) else None
+        if self.setting is None:
+            return False
+        return step.in_window(
+            (self.params.start, self.params.end), schedule.progress(denoiser.step, denoiser.total_steps or 0)
+        )
 
-    def seg_prediction(self, denoiser: Any, sigma_blur: float) -> torch.Tensor:
+    def main_call(self, denoiser: Any, original, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The batched main ``inner_model`` call: the step blurs the SEG rows; on OOM the main call is redone
+        without them and this pass goes on with the separate call."""
+        batched = self.batched
+        seg = self.step_for(query_target(denoiser.p.sd_model))
+
+        def slim() -> torch.Tensor:
+            return _without_the_seg_rows(original, batched, x, sigma, kwargs)
+
+        out, batched.ran = seg.main_call(
+            lambda _options: original(x, sigma, **kwargs), batched.layout(x.shape[0]), {}, slim
+        )
+        self.batch_rows = self.batch_rows and batched.ran
+        return out
+
+    def seg_prediction(self, denoiser: Any) -> torch.Tensor:
         """One extra ``inner_model`` call on the cond rows with blurred queries."""
         if self.captured is None:
             raise RuntimeError("SEG: the cfg_denoiser callback did not run; is the script loaded?")
         x, sigma, image_cond, text_cond = self.captured
-        target = query_target(denoiser.p.sd_model)
-        chosen = self.layers_for(target)
-        with target.blurred(chosen, sigma_blur, on_skip=self.on_skip):
-            return denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond))
-
-    def blurring_rows(self, target: targets.QueryTarget, rows: int) -> ExitStack:
-        """Hooks for a batched main call of ``rows`` rows: blur the SEG rows, share their prefix."""
-        step = self.batched
-        stack = ExitStack()
-        chosen = self.layers_for(target)
-        seg_rows = slice(step.n_cond, 2 * step.n_cond)
-        stack.enter_context(target.blurred(chosen, step.setting[1], seg_rows, self.on_skip))
-        model = target.model
-        # an instance-patched forward: recompute all; one SEG row on a UNet: the hooks cost more than they save
-        if self.prefix_reuse and "forward" not in vars(model) and target.prefix_pays(step.n_cond):
-            n = step.n_cond
-            drop, expand = partial(batching.without_seg_rows, n_cond=n), partial(batching.with_seg_rows, n_cond=n)
-            stack.enter_context(target.shared_prefix(chosen, rows, rows - n, drop, expand))
-        return stack
+        seg = self.step_for(query_target(denoiser.p.sd_model))
+        return seg.separate_call(
+            lambda _options: denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond)), {}
+        )
 
     def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:
-        step, self.batched = self.batched, None
-        if step is not None and step.ran:
-            n = step.n_cond
-            return guidance.apply_seg_composable(denoised, x_out[:n], x_out[n : 2 * n], conds_list, step.setting[0])
-        setting = step.setting if step is not None else self.active(denoiser)  # a batch the host split up
-        if setting is None:
+        batched, self.batched = self.batched, None
+        if batched is not None and batched.ran:
+            n = batched.n_cond
+            seg = self.step_for(query_target(denoiser.p.sd_model))
+            return seg.combine(denoised, x_out[:n], x_out[n : 2 * n], conds_list)
+        if batched is None and not self.active(denoiser):  # a batch the host split up still gets SEG
             return denoised
-        seg_scale, sigma_blur = setting
-        cond_seg = self.seg_prediction(denoiser, sigma_blur)
-        cond = x_out[: cond_seg.shape[0]]
-        return guidance.apply_seg_composable(denoised, cond, cond_seg, conds_list, seg_scale)
+        cond_seg = self.seg_prediction(denoiser)
+        seg = self.step_for(query_target(denoiser.p.sd_model))
+        return seg.combine(denoised, x_out[: cond_seg.shape[0]], cond_seg, conds_list)
 
 
 def _without_the_seg_rows(original, step: BatchedStep, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict):
@@ -233,15 +246,7 @@ def _wrap_inner_forward(denoiser: Any) -> bool:
         step = run.batched if run is not None else None
         if step is None or x.shape[0] not in step.rows:
             return original(x, sigma, **kwargs)
-        try:
-            with run.blurring_rows(query_target(denoiser.p.sd_model), x.shape[0]):
-                out = original(x, sigma, **kwargs)
-        except rows.OUT_OF_MEMORY:  # the larger call did not fit: this pass goes on with the separate call
-            run.batch_rows = False
-            log.warning("SEG: out of memory with the SEG rows in the main model call; SEG makes its own call now")
-            return _without_the_seg_rows(original, step, x, sigma, kwargs)
-        step.ran = True
-        return out
+        return run.main_call(denoiser, original, x, sigma, kwargs)
 
     setattr(forward, WRAPPED_FORWARD_ATTR, original)
     model_wrap.forward = forward

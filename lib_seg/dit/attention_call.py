@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from lib_seg.core.blocks import DitLayer
+from lib_seg.core.skips import SkipCallback
 from lib_seg.dit.queries import Rows, blur_image_queries
 
 OVERRIDE = "optimized_attention_override"  # the key Neo >= 2.27 and ComfyUI's ``wrap_attn`` honour
@@ -75,7 +76,6 @@ class CallShape:
 
 
 Locate = Callable[[CallShape], "ImageTokens | None"]  # None: not this call (keep waiting); raises Skip
-SkipCallback = Callable[..., None]  # (layer, n_tokens, grid=None[, reason])
 
 
 def query_layout(q: Any, kwargs: dict) -> str | None:

@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
-from lib_seg import targets
-from lib_seg.core import query_hooks
+from lib_seg import step, targets
 from lib_seg.core.params import SegParams
 from lib_seg.forge import host as forge_host
 from lib_seg.forge.patches import (
+    PatchedUnet,
     attn1_patch,
     blur_for_layer,
     record_block_grid,
@@ -56,6 +57,7 @@ from lib_seg.forge.patches import (
     with_attn1_replaces,
 )
 from lib_seg.forge.seg_pass import SEG_MARK, SegPass
+from lib_seg.unet import hooks as unet_hooks
 
 __all__ = [
     "attn1_patch",
@@ -79,9 +81,11 @@ def unet_patcher(p: Any) -> Any | None:
     return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
-def query_target(patcher: Any) -> targets.QueryTarget | None:
-    """The UNet or the diffusion transformer of a known family the patcher's model runs (None: SEG cannot run)."""
-    return targets.query_target(getattr(getattr(patcher, "model", None), "diffusion_model", None))
+def query_target(patcher: Any, kind: str) -> targets.QueryTarget | None:
+    """The UNet (blurred by attn1 patches) or the diffusion transformer of a known family the patcher's model
+    runs (None: SEG cannot run)."""
+    model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    return targets.query_target(model, partial(PatchedUnet, kind=kind))
 
 
 def available_layers(model: Any) -> tuple:
@@ -89,7 +93,7 @@ def available_layers(model: Any) -> tuple:
     return targets.query_target(model).available
 
 
-skip_warner = query_hooks.skip_warner
+skip_warner = unet_hooks.skip_warner
 
 
 def _mark(function: Callable) -> Callable:
@@ -115,7 +119,7 @@ def seg_functions(seg: SegPass) -> tuple[Callable, Callable | None]:
     def model_function_wrapper(apply_model: Callable, args: Mapping) -> torch.Tensor:
         return seg.model_wrapper(apply_model, args)
 
-    return _mark(post_cfg), (_mark(model_function_wrapper) if seg.batch_rows else None)
+    return _mark(post_cfg), (_mark(model_function_wrapper) if seg.seg.batch_rows else None)
 
 
 def has_seg(patcher: Any) -> bool:
@@ -182,7 +186,7 @@ def patch_unet(
     if patcher is None or kind is None:
         log.warning("SEG: no Forge, reForge or classic Forge UnetPatcher found; SEG is off")
         return None
-    target = query_target(patcher)
+    target = query_target(patcher, kind)
     if target is None:
         name = type(getattr(getattr(patcher, "model", None), "diffusion_model", None)).__name__
         log.warning(
@@ -192,15 +196,13 @@ def patch_unet(
         _switch_off(p, patcher)
         return None
     try:
-        keys = target.resolve(params.layers)
+        seg = step.prepare(
+            target, params.layers, setting, (params.start, params.end), batch_rows=batch_rows, prefix_reuse=prefix_reuse
+        )
         text = target.canonical(params.layers)
     except ValueError as exc:
         _install(p, patcher, raising_post_cfg(exc))
         return None
-    seg_scale, sigma = setting
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    dit = target if target.is_dit else None
-    window = (params.start, params.end)
-    seg = SegPass(kind, keys, seg_scale, sigma, window, denoiser, batch_rows, prefix_reuse, dit=dit)
-    _install(p, patcher, *seg_functions(seg), record_grid=dit is None)
+    _install(p, patcher, *seg_functions(SegPass(kind, seg, denoiser)), record_grid=bool(target.block_modifiers))
     return text

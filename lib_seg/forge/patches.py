@@ -7,32 +7,40 @@ Interfaces: classic Forge 4a9c8f32, new Forge dfdcbab, reForge 3b56b26 (see ``te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from lib_seg.core import blur, geometry, layers, query_hooks, schedule
+from lib_seg import targets
+from lib_seg.core import blur, geometry, layers, schedule
+from lib_seg.core.skips import SkipCallback
 from lib_seg.forge import host as forge_host
 from lib_seg.forge import rows as forge_rows
 
 Patch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-SkipCallback = query_hooks.SkipCallback
+
+
+def with_replaces(transformer_options: Mapping, patches: Mapping[tuple, Patch]) -> dict:
+    """A copy of ``transformer_options`` with ``patches`` added to ``patches_replace["attn1"]``.
+
+    Copy-on-write along the path only (transformer_options, patches_replace, attn1): the patcher's own
+    dicts, shared by every later step and pass, stay untouched.
+    """
+    options = dict(transformer_options)
+    replaces = dict(options.get("patches_replace") or {})
+    replaces["attn1"] = {**(replaces.get("attn1") or {}), **patches}
+    options["patches_replace"] = replaces
+    return options
 
 
 def with_attn1_replaces(model_options: Mapping, patches: Mapping[tuple, Patch]) -> dict:
-    """A copy of ``model_options`` with ``patches`` added to ``patches_replace["attn1"]``.
-
-    Copy-on-write along the path only (outer dict, transformer_options, patches_replace, attn1):
-    the patcher's own dicts, shared by every later step and pass, stay untouched.
-    """
-    options = dict(model_options)
-    transformer_options = dict(options.get("transformer_options") or {})
-    replaces = dict(transformer_options.get("patches_replace") or {})
-    replaces["attn1"] = {**(replaces.get("attn1") or {}), **patches}
-    transformer_options["patches_replace"] = replaces
-    options["transformer_options"] = transformer_options
-    return options
+    """A copy of ``model_options`` with ``patches`` added to its transformer options' attn1 replaces."""
+    return {
+        **model_options,
+        "transformer_options": with_replaces(model_options.get("transformer_options") or {}, patches),
+    }
 
 
 BLOCK_GRID = "seg_block_grid"
@@ -127,3 +135,35 @@ def sampling_progress(denoiser: Any, transformer_options: Mapping, sigma: torch.
     if sample_sigmas is not None:
         return schedule.progress_from_sigma(float(sigma.flatten()[0]), sample_sigmas)
     return None
+
+
+class PatchedUnet(targets.UnetTarget):
+    """A Forge-family UNet, blurred through ``patches_replace["attn1"]`` entries in the call's transformer options.
+
+    The hosts' ``BasicTransformerBlock`` hands an attn1 patch the exact token grid (reForge's
+    ``activations_shape``, :func:`record_block_grid` elsewhere, hence :attr:`block_modifiers`), which module
+    hooks would have to rebuild.  An attn1 replace another extension registered for a key (StyleAlign,
+    Reference-only) is called with the blurred queries instead of the host attention, so SEG keeps that
+    extension's effect and the guidance holds only the blur.  ``rows``: only those rows of the call are
+    blurred (:data:`lib_seg.forge.rows.SEG_ROWS`).
+    """
+
+    block_modifiers = (record_block_grid,)
+
+    def __init__(self, model: Any, kind: str):
+        super().__init__(model)
+        self.kind = kind
+
+    @contextmanager
+    def blurring(
+        self, keys: Iterable, sigma: float, rows: slice | None, on_skip: SkipCallback | None, options: dict
+    ) -> Iterator[dict]:
+        existing = (options.get("patches_replace") or {}).get("attn1") or {}
+        patches = {}
+        for key in keys:
+            inner = existing.get(tuple(key)) or existing.get(tuple(key)[:2])
+            patches[tuple(key)] = attn1_patch(self.kind, key, sigma, on_skip, inner)
+        seg_options = with_replaces(options, patches)
+        if rows is not None:
+            seg_options[forge_rows.SEG_ROWS] = (rows.start, rows.stop)
+        yield seg_options

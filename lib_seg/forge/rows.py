@@ -7,9 +7,9 @@ is a cond chunk (new/classic: ``COND = 0``; reForge: index 0 of ``conds``, which
 The wrapper must return one output row per input row.
 
 Batched step: the wrapper appends one copy of every cond chunk to the call (inputs, sigma, every
-per-row conditioning tensor, ControlNet residuals) and marks the appended rows in the call's
-``transformer_options`` (:data:`SEG_ROWS`) so the attn1 patches blur only those; it returns the main
-rows to the host and keeps the SEG rows.
+per-row conditioning tensor, ControlNet residuals); the target blurs only those rows (attn1 patches read
+them from the call's ``transformer_options`` (:data:`SEG_ROWS`)); it returns the main rows to the host and
+keeps the SEG rows.
 
 Replay: the post-CFG function does not average the kept rows itself.  It calls the host's own
 cond-only batching again with a wrapper that hands back the kept rows instead of running the UNet,
@@ -119,8 +119,10 @@ class BatchedCall:
         return with_chunks(t, self.chunks, self.chunk_rows)
 
 
-def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> BatchedCall | None:
-    """The main call with one SEG chunk per cond chunk appended, or None when it cannot be batched."""
+def batched_call(args: Mapping) -> BatchedCall | None:
+    """The main call with one SEG chunk per cond chunk appended, or None when it cannot be batched.
+
+    The target blurs the appended rows (:meth:`lib_seg.targets.QueryTarget.blurring`)."""
     x, timestep, c, flags = args["input"], args["timestep"], args["c"], list(args["cond_or_uncond"])
     chunks = cond_chunks(flags)
     if not chunks or not set(c) <= CONDITIONING_KEYS or x.shape[0] % len(flags):
@@ -138,11 +140,6 @@ def batched_call(args: Mapping, attn1_patches: Mapping[tuple, Callable]) -> Batc
         if not ok:
             return None
     _flags_options(options, flags, chunks, options.get("sigmas"))
-    if attn1_patches:  # a DiT blurs through module hooks instead
-        replaces = dict(options.get("patches_replace") or {})
-        replaces["attn1"] = dict(attn1_patches)
-        options["patches_replace"] = replaces
-    options[SEG_ROWS] = (rows, rows + len(chunks) * chunk_rows)
     expanded["transformer_options"] = options
     seg_x, seg_t = with_chunks(x, chunks, chunk_rows), with_chunks(timestep, chunks, chunk_rows)
     return BatchedCall(seg_x, seg_t, expanded, rows, tuple(chunks), chunk_rows)

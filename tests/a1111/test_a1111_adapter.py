@@ -10,6 +10,7 @@ import torch
 from lib_seg.a1111 import adapter as a1111
 from lib_seg.core.layers import resolve_layers, unet_layers
 from lib_seg.core.params import SegParams
+from lib_seg.unet import prefix as unet_prefix
 from tests.support import slow_seg
 from tests.support.a1111_host import CFGDenoiser, CompVisDenoiser, DictWithShape, FakeSDModel, InterruptedException
 from tests.support.tolerance import assert_network_close, max_abs
@@ -368,8 +369,8 @@ def test_prefix_reuse_skipped_when_the_unet_forward_is_patched(sd1_f64, monkeypa
     sd1 = sd1_f64
     unet = sd1.model.diffusion_model
     calls = []
-    original = a1111.batching.shared_prefix
-    monkeypatch.setattr(a1111.batching, "shared_prefix", lambda *a: calls.append(a) or original(*a))
+    original = unet_prefix.shared_prefix
+    monkeypatch.setattr(unet_prefix, "shared_prefix", lambda *a: calls.append(a) or original(*a))
     inputs = to_dtype(make_inputs(unet.config), torch.float64)
     params = SegParams(enabled=True)
     (reused,), _ = run_counting(sd1, inputs, a1111.SegRun(params, batch_rows=True))
@@ -405,8 +406,8 @@ def test_detach_unwraps_the_inner_model(sd1):
 def test_prefix_reuse_only_with_more_than_one_seg_row(sd1_f64, monkeypatch):
     """One SEG row (one image): the prefix hooks cost more than they save (docs/benchmarks.md)."""
     calls = []
-    original = a1111.batching.shared_prefix
-    monkeypatch.setattr(a1111.batching, "shared_prefix", lambda *a: calls.append(a) or original(*a))
+    original = unet_prefix.shared_prefix
+    monkeypatch.setattr(unet_prefix, "shared_prefix", lambda *a: calls.append(a) or original(*a))
     config = sd1_f64.model.diffusion_model.config
     for images, expected in ((1, 0), (2, 1)):
         calls.clear()

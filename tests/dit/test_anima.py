@@ -16,12 +16,12 @@ from functools import partial
 import pytest
 import torch
 
-from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.families.anima import RELEASED
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.prefix import shared_prefix
 from lib_seg.targets import query_target
+from lib_seg.unet.prefix import with_seg_rows, without_seg_rows
 from tests.core.test_blur import reference_blur
 from tests.support.dit_anima import TinyAnima
 from tests.support.dit_blocks import Hooks

@@ -17,7 +17,6 @@ from functools import partial
 import pytest
 import torch
 
-from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.families import FAMILIES, family_of
 from lib_seg.dit.families.flux import FLUX1, FLUX2
@@ -27,6 +26,7 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.prefix import shared_prefix
 from lib_seg.targets import query_target
+from lib_seg.unet.prefix import with_seg_rows, without_seg_rows
 from tests.support.dit_blocks import Hooks, token_ids
 from tests.support.dit_flux2 import TinyFlux2
 from tests.support.dit_krea import TinyKrea2, grid_ids

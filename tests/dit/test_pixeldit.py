@@ -15,7 +15,6 @@ from functools import partial
 import pytest
 import torch
 
-from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.dit.families import FAMILIES, family_of
 from lib_seg.dit.families.pixeldit import PIXELDIT, RELEASED, rotations_fit_grid
@@ -23,6 +22,7 @@ from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spec, dit_family
 from lib_seg.dit.prefix import prefix_plan, shared_prefix
 from lib_seg.targets import query_target
+from lib_seg.unet.prefix import with_seg_rows, without_seg_rows
 from tests.support.dit_blocks import Hooks
 from tests.support.dit_ernie import TinyErnie
 from tests.support.dit_flux2 import TinyFlux2

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, resolve_layers
 from lib_seg.dit.hooks import available_layers, blurred_dit_queries
 from lib_seg.dit.prefix import blocks_in_order, prefix_plan, shared_prefix
+from lib_seg.unet.prefix import with_seg_rows, without_seg_rows
 from tests.support.dit_models import TinyFlux, TinyMMDiT, randomize
 from tests.support.tolerance import assert_network_close
 

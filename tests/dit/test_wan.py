@@ -15,7 +15,6 @@ from functools import partial
 import pytest
 import torch
 
-from lib_seg.core.batching import with_seg_rows, without_seg_rows
 from lib_seg.core.blocks import DitLayer, model_layers, resolve_layers
 from lib_seg.core.blur import blur_queries
 from lib_seg.dit.families.wan import RELEASED, blur_frames, blur_frames_before_rope
@@ -23,6 +22,7 @@ from lib_seg.dit.hooks import available_layers, blurred_dit_queries, default_spe
 from lib_seg.dit.prefix import shared_prefix
 from lib_seg.dit.queries import apply_rope, blur_before_rope
 from lib_seg.targets import query_target
+from lib_seg.unet.prefix import with_seg_rows, without_seg_rows
 from tests.support.dit_anima import TinyAnima
 from tests.support.dit_blocks import Hooks, rope_complex, rope_rotations
 from tests.support.dit_flux2 import TinyFlux2

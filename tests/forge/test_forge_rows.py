@@ -225,7 +225,7 @@ def test_batched_call_appends_one_copy_per_cond_chunk():
     args["c"]["control"] = {"middle": [torch.arange(6.0)[:, None, None, None], None], "input": [torch.ones(1, 3)]}
     args["c"]["control_model"] = object()
     before = dict(args["c"]["transformer_options"])
-    call = forge_rows.batched_call(args, {("middle", 0): "patch"})
+    call = forge_rows.batched_call(args)
     order = [0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
     assert call.main_rows == 6 and call.input[:, 0, 0, 0].tolist() == order
     assert call.c["c_crossattn"][:, 0, 0].tolist() == order and call.c["y"][:, 0].tolist() == order
@@ -236,9 +236,24 @@ def test_batched_call_appends_one_copy_per_cond_chunk():
     assert options["cond_or_uncond"] == [1, 0, 0, 0, 0] and options["uuids"] == ["u", "a", "b", "a", "b"]
     assert options["cond_mark"].tolist() == [1, 1] + [0] * 8
     assert options["cond_indices"] == list(range(2, 10)) and options["uncond_indices"] == [0, 1]
-    assert options[forge_rows.SEG_ROWS] == (6, 10)
-    assert options["patches_replace"]["attn1"] == {("middle", 0): "patch"}
+    assert forge_rows.SEG_ROWS not in options and "patches_replace" not in options  # the target blurs
     assert args["c"]["transformer_options"] == before  # the host's dict is not touched
+
+
+def test_the_patched_unet_blurs_the_seg_rows_of_a_call_by_attn1_patches(sd1_f64):
+    """The Forge UNet target puts one attn1 patch per chosen layer and the SEG rows into a copy of the
+    call's options; an attn1 replace already there for the key is wrapped, not dropped."""
+    from lib_seg.core.layers import LayerKey
+    from lib_seg.forge.patches import PatchedUnet
+
+    other = {("output", 3, 0): print}
+    options = {"patches_replace": {"attn1": dict(other)}, "cond_or_uncond": [1, 0]}
+    keys = (LayerKey("middle", 0, 0), LayerKey("output", 3, 0))
+    with PatchedUnet(sd1_f64, "forge").blurring(keys, 2.0, slice(6, 10), None, options) as seg_options:
+        assert seg_options[forge_rows.SEG_ROWS] == (6, 10)
+        assert set(seg_options["patches_replace"]["attn1"]) == {tuple(k) for k in keys}
+        assert seg_options["patches_replace"]["attn1"][("output", 3, 0)] is not print
+    assert options == {"patches_replace": {"attn1": other}, "cond_or_uncond": [1, 0]}  # copy on write
 
 
 @pytest.mark.parametrize(
@@ -254,13 +269,13 @@ def test_batched_call_appends_one_copy_per_cond_chunk():
 def test_batched_call_refuses_what_it_cannot_account_for(change):
     args = call_args()
     change(args)
-    assert forge_rows.batched_call(args, {}) is None
+    assert forge_rows.batched_call(args) is None
 
 
 def test_block_level_patches_do_not_block_batching():
     args = call_args()
     args["c"]["transformer_options"]["patches"] = {"output_block_patch": [print]}  # FreeU-like, per row
-    assert forge_rows.batched_call(args, {}) is not None
+    assert forge_rows.batched_call(args) is not None
 
 
 def test_replay_serves_the_kept_rows_once_and_only_for_the_same_chunks():

@@ -10,7 +10,7 @@ registered; the caller removes them in ``finally``, so an exception never leaves
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, ClassVar
 
@@ -20,13 +20,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lib_seg.core import blocks as dit_layers
 from lib_seg.core.blocks import DitLayer
+from lib_seg.core.skips import SkipCallback
 from lib_seg.dit.attention_call import AttentionCalls, CallShape, ImageTokens, Skip
 from lib_seg.dit.queries import Rows
 
 __all__ = ["AttentionCallFamily", "CallShape", "DitFamily", "ImageTokens", "Skip"]
 OPTIONS = "transformer_options"
-
-SkipCallback = Callable[..., None]  # (layer, n_tokens, grid=None[, reason])
 
 
 class DitFamily:

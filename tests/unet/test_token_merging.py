@@ -13,11 +13,11 @@ from tomesd.patch import compute_merge
 from torch import nn
 
 from lib_seg.a1111 import adapter as a1111
-from lib_seg.core import token_merging
 from lib_seg.core.blur import kernel_size
 from lib_seg.core.layers import LayerKey, resolve_layers, unet_layers
 from lib_seg.core.params import SegParams
-from lib_seg.core.query_hooks import attn1_name, blurred_queries, skip_warner, transformer_block_name
+from lib_seg.unet import token_merging
+from lib_seg.unet.hooks import attn1_name, blurred_queries, skip_warner, transformer_block_name
 from tests.a1111.test_a1111_adapter import make_inputs, to_dtype
 from tests.core.test_blur import reference_blur
 from tests.support.a1111_host import CFGDenoiser, FakeSDModel
@@ -303,6 +303,6 @@ def test_only_blocks_tomesd_patches_now_count_as_merged():
 
 
 def test_lib_seg_imports_without_tomesd():
-    modules = "lib_seg.core.query_hooks, lib_seg.a1111.adapter, lib_seg.core.token_merging"
+    modules = "lib_seg.unet.hooks, lib_seg.a1111.adapter, lib_seg.unet.token_merging"
     code = f"import sys; sys.modules['tomesd'] = None; import {modules}"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ each model load, so a forward hook on the ``to_q`` Linear is the one point all o
 token grid is recorded from the ``SpatialTransformer``'s input ``[B, C, H, W]`` in the same call,
 which is exact even where sides are odd or another extension resized the map (Deep Shrink).  When tomesd merged
 the layer's tokens (A1111's token merging) the queries are blurred on the full grid and merged as the
-host merges them (:mod:`lib_seg.core.token_merging`, from the block input recorded by a pre-hook); any
+host merges them (:mod:`lib_seg.unet.token_merging`, from the block input recorded by a pre-hook); any
 other query count that differs from H*W (HyperTile tiles) leaves the layer alone and
 ``on_skip`` is told.
 
@@ -17,20 +17,21 @@ SEG pass, whatever it raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from lib_seg.core import token_merging
+from lib_seg.core import skips
 from lib_seg.core.blur import blur_queries
 from lib_seg.core.layers import LayerKey, format_layers
+from lib_seg.core.skips import SkipCallback
+from lib_seg.unet import token_merging
 
 log = logging.getLogger("sd_webui_seg")
 
-SkipCallback = Callable[..., None]  # (key, n_tokens, grid=None)
 UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -41,31 +42,9 @@ def as_ldm_unet(candidate: Any) -> nn.Module | None:
     return None
 
 
-def skip_warner(format_keys: Callable[[list], str] = format_layers) -> SkipCallback:
-    """A callback that warns once per layer whose queries fit no token grid (they stay unblurred).
-
-    ``format_keys`` names the layer (UNet layers by default; a DiT target passes its block names).
-    ``reason``: why the layer's tokens could not be placed, when the caller knows (a DiT family says
-    e.g. that the model's position ids contradict the grid); else the usual suspects are named."""
-    warned: set = set()
-
-    def on_skip(key: Any, n_tokens: int, grid: tuple[int, int] | None = None, reason: str | None = None) -> None:
-        if key in warned:
-            return
-        warned.add(key)
-        if reason is not None:
-            log.warning("SEG: %s is left unblurred: %s (%d queries)", format_keys([key]), reason, n_tokens)
-            return
-        block = f" (its block's map is {grid[0]}x{grid[1]})" if grid else ""
-        log.warning(
-            "SEG: %s sees %d queries, which fit no token grid of this image%s (HyperTile tiles, "
-            "random token merging?); its queries are left unblurred",
-            format_keys([key]),
-            n_tokens,
-            block,
-        )
-
-    return on_skip
+def skip_warner() -> SkipCallback:
+    """The UNet's :func:`lib_seg.core.skips.skip_warner`: layers named as the layer spec names them."""
+    return skips.skip_warner(format_layers)
 
 
 def spatial_transformer_name(key: LayerKey) -> str:

@@ -1,4 +1,4 @@
-"""lib_seg.core.query_hooks on a random-weight UNet with the real ldm layout."""
+"""lib_seg.unet.hooks on a random-weight UNet with the real ldm layout."""
 
 import logging
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_seg.core.layers import LayerKey, layer_from_module_name, resolve_layers
-from lib_seg.core.query_hooks import attn1_name, blurred_queries, spatial_transformer_name
+from lib_seg.unet.hooks import attn1_name, blurred_queries, spatial_transformer_name
 from tests.support.unet import TINY_SD1, TINY_SDXL, build_unet
 
 
@@ -113,7 +113,7 @@ def test_names():
 
 
 def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
-    from lib_seg.core.query_hooks import skip_warner
+    from lib_seg.unet.hooks import skip_warner
 
     on_skip = skip_warner()
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
@@ -125,8 +125,8 @@ def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
 
 
 def test_only_the_unet_layout_is_a_unet():
-    from lib_seg.core.query_hooks import as_ldm_unet
     from lib_seg.targets import UnetTarget, query_target
+    from lib_seg.unet.hooks import as_ldm_unet
 
     unet = build_unet(TINY_SD1)
     assert as_ldm_unet(unet) is unet

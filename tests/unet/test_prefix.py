@@ -1,9 +1,9 @@
-"""lib_seg.core.batching on the test UNet: prefix reuse equals full recomputation."""
+"""lib_seg.unet.prefix on the test UNet: prefix reuse equals full recomputation."""
 
 import torch
 
-from lib_seg.core.batching import blocks_in_order, prefix_blocks, shared_prefix, with_seg_rows, without_seg_rows
 from lib_seg.core.layers import LayerKey
+from lib_seg.unet.prefix import blocks_in_order, prefix_blocks, shared_prefix, with_seg_rows, without_seg_rows
 from tests.support.tolerance import assert_network_close
 from tests.support.unet import TINY_SDXL, build_unet
 
