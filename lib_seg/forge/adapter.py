@@ -56,7 +56,7 @@ from lib_seg.forge.patches import (
     token_grid,
     with_attn1_replaces,
 )
-from lib_seg.forge.seg_pass import SEG_MARK, SegPass
+from lib_seg.forge.seg_pass import SEG_MARK, DenoiserClock, SegPass
 from lib_seg.unet import hooks as unet_hooks
 
 __all__ = [
@@ -204,5 +204,10 @@ def patch_unet(
         _install(p, patcher, raising_post_cfg(exc))
         return None
     denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    _install(p, patcher, *seg_functions(SegPass(kind, seg, denoiser)), record_grid=bool(target.block_modifiers))
+    _install(
+        p,
+        patcher,
+        *seg_functions(SegPass(kind, seg, DenoiserClock(denoiser))),
+        record_grid=bool(target.block_modifiers),
+    )
     return text

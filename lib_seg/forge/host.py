@@ -41,9 +41,14 @@ from typing import Any
 
 import torch
 
-FORGE, NEO, REFORGE, FORGE_CLASSIC = "forge", "neo", "reforge", "forge-classic"
-KINDS = (FORGE, NEO, REFORGE, FORGE_CLASSIC)
+FORGE, NEO, REFORGE, FORGE_CLASSIC, COMFYUI = "forge", "neo", "reforge", "forge-classic", "comfyui"
+KINDS = (FORGE, NEO, REFORGE, FORGE_CLASSIC, COMFYUI)
 BACKEND_KINDS = (FORGE, NEO)  # the ``backend/`` layout (no ldm_patched)
+# ComfyUI itself: the original of all of them (``comfy.samplers.calc_cond_batch``, ``comfy.model_management``,
+# ``comfy.ldm.modules.attention.optimized_attention``; read at hiddenswitch/pip-and-uv-installable-ComfyUI
+# 87606c5f, upstream master merged 2026-02-03); the ComfyUI adapter names it, it is never detected.
+SAMPLERS = {REFORGE: "ldm_patched.modules.samplers", COMFYUI: "comfy.samplers"}  # with calc_cond_batch
+MEMORY = {FORGE: "backend.memory_management", NEO: "backend.memory_management", COMFYUI: "comfy.model_management"}
 
 
 def _module(name: str) -> ModuleType | None:
@@ -93,13 +98,15 @@ def attention_function(kind: str) -> Callable[..., torch.Tensor]:
     _require(kind)
     if kind in BACKEND_KINDS:
         return _attribute(("backend.nn.unet", "backend.attention"), "attention_function")
+    if kind == COMFYUI:
+        return _attribute(("comfy.ldm.modules.attention",), "optimized_attention")
     return _attribute(("ldm_patched.ldm.modules.attention",), "optimized_attention")
 
 
 def run_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
     """Host attention on projected (B, N, heads*dim_head) q/k/v, as the host's CrossAttention calls it.
 
-    Only reForge puts ``attn_precision`` in ``extra_options`` (fp32 upcast for SD2.x); classic
+    Only reForge and ComfyUI put ``attn_precision`` in ``extra_options`` (fp32 upcast for SD2.x); classic
     Forge's ``optimized_attention`` raises TypeError on that keyword, so it is passed only when present.
     """
     kwargs = {"attn_precision": extra_options["attn_precision"]} if "attn_precision" in extra_options else {}
@@ -115,8 +122,8 @@ def cond_only_pass(
     ``model_function_wrapper`` exactly as in the main cond pass, so only our attn1 patches differ.
     """
     _require(kind)
-    if kind == REFORGE:
-        calc = _attribute(("ldm_patched.modules.samplers",), "calc_cond_batch")
+    if kind in SAMPLERS:
+        calc = _attribute((SAMPLERS[kind],), "calc_cond_batch")
         return calc(model, [cond], x, sigma, model_options)[0]
     module = "backend.sampling.sampling_function" if kind in BACKEND_KINDS else "ldm_patched.modules.samplers"
     calc = _attribute((module,), "calc_cond_uncond_batch")
@@ -144,7 +151,7 @@ def fits_in_memory(kind: str, model: Any, shape: tuple[int, ...], device: torch.
     _require(kind)
     if streams_weights(kind):
         return True
-    name = "backend.memory_management" if kind in BACKEND_KINDS else "ldm_patched.modules.model_management"
+    name = MEMORY.get(kind, "ldm_patched.modules.model_management")
     free_memory = getattr(_module(name), "get_free_memory", None)
     required = getattr(model, "memory_required", None)
     if free_memory is None or required is None:

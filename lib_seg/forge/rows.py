@@ -46,7 +46,7 @@ class ReplayMismatch(RuntimeError):
 class KeptRows:
     """The SEG rows of one main call: its denoiser step, the cond-chunk shape and the outputs."""
 
-    step: int
+    step: object  # the step's key (lib_seg.forge.seg_pass clocks)
     chunk_shape: torch.Size
     outputs: torch.Tensor  # n cond chunks stacked, in the order they had in the main call
 

@@ -1,16 +1,17 @@
 """One Forge-family SEG pass: the host's post-CFG function and model-function wrapper around a SEG step.
 
-What is Forge-specific here, and only that: the denoiser counter as sampling progress, the first UNet call of a
-step as the main call (``model_function_wrapper`` args), the rows appended to it and replayed through the host's
-own cond-only batching (:mod:`lib_seg.forge.rows`), the host's memory estimate, and the cond-only pass through
-the host's batching.  The window, the blur of the SEG rows (module hooks or attn1 patches: the target decides),
-the prefix gate, the out-of-memory fallback and the combination are the step's.
+What is specific to the ComfyUI-style patcher hosts here, and only that: which denoiser step a call belongs to and
+whether it is inside the window (:class:`DenoiserClock` on the WebUIs, :class:`SigmaClock` on ComfyUI), the first
+model call of a step as the main call (``model_function_wrapper`` args), the rows appended to it and replayed
+through the host's own cond-only batching (:mod:`lib_seg.forge.rows`), the host's memory estimate, and the
+cond-only pass through the host's batching.  The window test, the blur of the SEG rows (module hooks or attn1
+patches: the target decides), the prefix gate, the out-of-memory fallback and the combination are the step's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,39 @@ log = logging.getLogger("sd_webui_seg")
 SEG_MARK = "_sd_webui_seg_post_cfg"
 
 
+@dataclass(frozen=True)
+class DenoiserClock:
+    """The WebUIs: the step is the host's denoiser counter ``p.sampler.model_wrap_cfg.step`` (see
+    :mod:`lib_seg.forge.adapter`), the window a fraction of the pass's steps."""
+
+    denoiser: Any
+
+    def step(self, _sigma: torch.Tensor) -> int | None:
+        step = getattr(self.denoiser, "step", None)
+        return step if isinstance(step, int) else None
+
+    def in_window(self, seg: SegStep, transformer_options: Mapping, sigma: torch.Tensor) -> bool:
+        if seg.always:
+            return True
+        return seg.in_window(sampling_progress(self.denoiser, transformer_options, sigma))
+
+
+@dataclass(frozen=True)
+class SigmaClock:
+    """ComfyUI: no step counter reaches a model patch, so a step is its noise level (every model call of one
+    denoiser evaluation shares it), and the window is a sigma range, ``sigma_end <= sigma <= sigma_start``, from
+    the model's ``percent_to_sigma`` as ComfyUI's own guidance nodes convert their start/end percent."""
+
+    sigma_start: float
+    sigma_end: float
+
+    def step(self, sigma: torch.Tensor) -> float:
+        return float(sigma.flatten()[0])
+
+    def in_window(self, _seg: SegStep, _transformer_options: Mapping, sigma: torch.Tensor) -> bool:
+        return self.sigma_end <= float(sigma.flatten()[0]) <= self.sigma_start
+
+
 @dataclass
 class SegPass:
     """SEG for one sampling pass on a Forge-family host.
@@ -37,18 +71,12 @@ class SegPass:
 
     kind: str
     seg: SegStep
-    denoiser: Any
+    clock: DenoiserClock | SigmaClock
     kept: forge_rows.KeptRows | None = None
-    seen_step: int | None = None
-
-    def step(self) -> int | None:
-        step = getattr(self.denoiser, "step", None)
-        return step if isinstance(step, int) else None
+    seen_step: Hashable | None = None
 
     def in_window(self, transformer_options: Mapping, sigma: torch.Tensor) -> bool:
-        if self.seg.always:
-            return True
-        return self.seg.in_window(sampling_progress(self.denoiser, transformer_options, sigma))
+        return self.clock.in_window(self.seg, transformer_options, sigma)
 
     def model_wrapper(self, apply_model: Callable, args: Mapping) -> torch.Tensor:
         def unbatched() -> torch.Tensor:
@@ -71,7 +99,7 @@ class SegPass:
 
     def _batched_call(self, apply_model: Callable, args: Mapping) -> forge_rows.BatchedCall | None:
         """Only the first model call of a step is the main pass (other passes come after it)."""
-        step = self.step()
+        step = self.clock.step(args["timestep"])
         if not self.seg.batch_rows or step is None or step == self.seen_step:
             return None
         self.seen_step = step
@@ -92,7 +120,7 @@ class SegPass:
         if not self.in_window(options.get("transformer_options") or {}, args["sigma"]):
             return denoised
         cond_seg = None
-        if kept is not None and kept.step == self.step():
+        if kept is not None and kept.step == self.clock.step(args["sigma"]):
             try:
                 replay = {**options, "model_function_wrapper": forge_rows.replay_wrapper(kept)}
                 cond_seg = self._cond_pass(args, _without_control(args["cond"]), replay)

@@ -22,6 +22,14 @@ Followed interfaces (read from the host sources; no host code copied):
   ``backend/patcher/base.py`` setters :273-303; ``backend/nn/unet.py`` attn1 replace :215-227), told
   apart by ``modules_forge/forge_version.py`` ``version = "neo"``; ``KModel.memory_required`` is
   ComfyUI v0.3.64's area formula (``backend/modules/k_model.py:60-68``, :class:`NeoKModel`).
+* ComfyUI (hiddenswitch/pip-and-uv-installable-ComfyUI 87606c5f, upstream master merged 2026-02-03), kind
+  ``"comfyui"``: reForge's contract, which is ComfyUI's (``comfy/samplers.py`` ``_calc_cond_batch`` :236-371 with
+  ``memory_required(shape) * 1.5 < free_memory``, ``cfg_function`` :375 post-CFG args with ``cond_scale``,
+  ``sampling_function`` :395 skipping the uncond at CFG 1 unless ``disable_cfg1_optimization``;
+  ``comfy/ldm/modules/attention.py`` ``BasicTransformerBlock.forward`` :893-950 puts ``n_heads``, ``dim_head``,
+  ``attn_precision`` and every transformer option (``activations_shape`` included) in ``extra_options``;
+  ``comfy/model_patcher.py`` ``clone`` :377, setters :491-522, ``get_model_object`` :582;
+  ``comfy/model_sampling.py`` ``percent_to_sigma`` :250-258 (log-linear between sigma_max and sigma_min)).
 * all of them: ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser`` (``step`` counted per call, reset
   by ``initialize``; ``total_steps`` set by ``launch_sampling``) re-reads ``forge_objects.unet`` per call.
 
@@ -49,7 +57,10 @@ from .unet import UNetModel, attention
 
 KINDS = ("forge", "neo", "reforge", "forge-classic")
 BACKEND = ("forge", "neo")  # the hosts with the ``backend/`` layout
+COMFYUI = "comfyui"
+CALC_COND_BATCH = ("reforge", COMFYUI)  # ``calc_cond_batch(model, [cond, uncond], ...)`` hosts
 MEMORY_MODULE = {
+    COMFYUI: "comfy.model_management",
     "forge": "backend.memory_management",
     "neo": "backend.memory_management",
     "reforge": "ldm_patched.modules.model_management",
@@ -65,8 +76,26 @@ def get_free_memory(dev=None, torch_free_too=False):
 get_free_memory.free = 2**40
 
 
+@dataclass(frozen=True)
+class ModelSampling:
+    """ComfyUI's ``model_sampling`` object, as far as guidance nodes use it: ``percent_to_sigma``."""
+
+    sigma_max: float = 14.6
+    sigma_min: float = 0.03
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_min = math.log(self.sigma_min)
+        return math.exp((math.log(self.sigma_max) - log_min) * (1.0 - percent) + log_min)
+
+
 class BaseModel:
     """``model_base.BaseModel`` / ``backend.modules.k_model.KModel``: x0 from an eps UNet."""
+
+    model_sampling = ModelSampling()
 
     def __init__(self, unet: UNetModel, attn_precision: torch.dtype | None = None, activations_shape: bool = True):
         self.diffusion_model = unet
@@ -171,6 +200,9 @@ class UnetPatcher:
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
 
+    def get_model_object(self, name: str) -> Any:
+        return getattr(self.model, name)
+
     def set_model_patch(self, patch, name):
         patches = self.model_options["transformer_options"].setdefault("patches", {})
         patches[name] = [*patches.get(name, []), patch]  # a new list, as hosts do
@@ -198,7 +230,7 @@ def _pass_options(kind: str, model: BaseModel, model_options: dict, cond_or_unco
     options = model_options.get("transformer_options", {}).copy()
     options["cond_or_uncond"] = cond_or_uncond[:]
     options["sigmas"] = sigma
-    if kind == "reforge":
+    if kind in CALC_COND_BATCH:
         options["uuids"] = [f"uuid-{i}" for i in cond_or_uncond]
         options["attn_precision"] = model.attn_precision
         return options
@@ -243,7 +275,7 @@ def _calc(kind: str, model: BaseModel, conds: list, x_in, timestep, model_option
         for i in range(1, len(same) + 1):
             amount = same[: len(same) // i]
             required = model.memory_required([len(amount) * first_shape[0], *first_shape[1:]])
-            if required * (1.5 if kind == "reforge" else 1.0) < free:
+            if required * (1.5 if kind in CALC_COND_BATCH else 1.0) < free:
                 chosen = amount
                 break
         batch = [to_run[i] for i in chosen]
@@ -283,13 +315,18 @@ def make_calc_cond_uncond_batch(kind: str):
     return calc_cond_uncond_batch
 
 
-def calc_cond_batch(model, conds, x_in, timestep, model_options):
-    """reForge: one output tensor per entry of ``conds``."""
-    calc_cond_batch.calls += 1
-    return _calc("reforge", model, list(conds), x_in, timestep, model_options)
+def make_calc_cond_batch(kind: str):
+    """reForge and ComfyUI: one output tensor per entry of ``conds``."""
+
+    def calc_cond_batch(model, conds, x_in, timestep, model_options):
+        calc_cond_batch.calls += 1
+        return _calc(kind, model, list(conds), x_in, timestep, model_options)
+
+    calc_cond_batch.calls = 0
+    return calc_cond_batch
 
 
-calc_cond_batch.calls = 0
+calc_cond_batch = make_calc_cond_batch("reforge")
 
 
 def _post_cfg(model_options, args):
@@ -303,14 +340,14 @@ def make_sampling_function(kind: str, samplers: types.ModuleType):
     def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options):
         skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         uncond_ = None if skip else uncond
-        if kind == "reforge":
+        if kind in CALC_COND_BATCH:
             cond_pred, uncond_pred = samplers.calc_cond_batch(model, [cond, uncond_], x, timestep, model_options)
         else:
             cond_pred, uncond_pred = samplers.calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
         args = {
             "denoised": uncond_pred + (cond_pred - uncond_pred) * cond_scale,
             "cond": cond,
-            "uncond": uncond_ if kind == "reforge" else uncond,
+            "uncond": uncond_ if kind in CALC_COND_BATCH else uncond,
             "model": model,
             "uncond_denoised": uncond_pred,
             "cond_denoised": cond_pred,
@@ -318,7 +355,7 @@ def make_sampling_function(kind: str, samplers: types.ModuleType):
             "model_options": model_options,
             "input": x,
         }
-        if kind == "reforge":
+        if kind in CALC_COND_BATCH:
             args["cond_scale"] = cond_scale
         return _post_cfg(model_options, args)
 
@@ -352,8 +389,30 @@ def _modules(**modules: dict[str, Any]) -> dict[str, types.ModuleType]:
     return made
 
 
+def comfyui_optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, **_kwargs):
+    comfyui_optimized_attention.precisions.append(attn_precision)
+    return attention(q, k, v, heads)
+
+
+comfyui_optimized_attention.precisions = []
+
+
 def host_modules(kind: str) -> dict[str, types.ModuleType]:
     """``sys.modules`` entries a host of ``kind`` has, with the functions the adapter resolves."""
+    if kind == COMFYUI:
+        samplers = types.ModuleType("comfy.samplers")
+        samplers.calc_cond_batch = make_calc_cond_batch(COMFYUI)
+        samplers.sampling_function = make_sampling_function(COMFYUI, samplers)
+        made = _modules(
+            **{
+                "comfy": {},
+                "comfy.ldm": {},
+                "comfy.ldm.modules": {},
+                "comfy.ldm.modules.attention": {"optimized_attention": comfyui_optimized_attention},
+                "comfy.model_management": {"get_free_memory": get_free_memory},
+            }
+        )
+        return {**made, samplers.__name__: samplers}
     if kind in BACKEND:
         sampling = types.ModuleType("backend.sampling.sampling_function")
         sampling.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
@@ -400,7 +459,7 @@ def host_modules(kind: str) -> dict[str, types.ModuleType]:
 def install(monkeypatch, kind: str) -> dict[str, types.ModuleType]:
     """Put a host's modules in ``sys.modules`` for one test (``monkeypatch`` undoes it)."""
     for name in list(sys.modules):
-        if name.split(".")[0] in ("backend", "ldm_patched", "modules_forge"):
+        if name.split(".")[0] in ("backend", "ldm_patched", "modules_forge", "comfy"):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(get_free_memory, "free", 2**40)
     modules = host_modules(kind)
