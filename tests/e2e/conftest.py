@@ -21,13 +21,22 @@ from tests.support.infotext_fields import parameter_fields
 URL = os.environ.get("WEBUI_URL", "").rstrip("/")
 
 
+COMFYUI_URL = os.environ.get("COMFYUI_URL", "").rstrip("/")
+
+
 def pytest_collection_modifyitems(config, items):
-    if URL:
-        return
-    skip = pytest.mark.skip(reason="WEBUI_URL is not set (needs a running WebUI with this extension)")
+    """WebUI tests need ``WEBUI_URL``; the ComfyUI tests (test_comfyui.py) need ``COMFYUI_URL``."""
+    skip_webui = pytest.mark.skip(reason="WEBUI_URL is not set (needs a running WebUI with this extension)")
+    skip_comfyui = pytest.mark.skip(reason="COMFYUI_URL is not set (needs a running ComfyUI with this node)")
     for item in items:
-        if "tests/e2e" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(skip)
+        path = str(item.fspath).replace("\\", "/")
+        if "tests/e2e" not in path:
+            continue
+        if path.endswith("test_comfyui.py"):
+            if not COMFYUI_URL:
+                item.add_marker(skip_comfyui)
+        elif not URL:
+            item.add_marker(skip_webui)
 
 
 class Api:
