@@ -1,4 +1,5 @@
-"""Smoothed Energy Guidance: the WebUI script (UI, infotext, dispatch to the host adapter).
+"""Smoothed Energy Guidance: the WebUI script (UI, infotext, and the calls of one adapter protocol,
+:mod:`lib_seg.webui.hosts`, which knows the hosts).
 
 Everything else lives in ``lib_seg``: the WebUI puts this extension's folder on ``sys.path`` while it
 loads the scripts, so the package imports from here.
@@ -11,9 +12,9 @@ import logging
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-from lib_seg.a1111 import adapter as a1111
 from lib_seg.webui import infotext, script_args, xyz
 from lib_seg.webui import ui as seg_ui
+from lib_seg.webui.hosts import on_cfg_denoiser, webui_adapter
 
 try:
     from modules.ui_components import InputAccordion
@@ -22,15 +23,6 @@ except ImportError:  # pragma: no cover - hosts older than A1111 1.7
 
 log = logging.getLogger("sd_webui_seg")
 STATE_ATTR = "_seg_state"
-
-
-def _forge():
-    """The Forge-family adapter if this host is Forge, new Forge or reForge, else None."""
-    try:
-        from lib_seg.forge import adapter as forge
-    except ImportError:
-        return None
-    return forge if forge.host_kind() else None
 
 
 class SmoothedEnergyGuidanceScript(scripts.Script):
@@ -63,48 +55,22 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
         setattr(p, STATE_ATTR, (params, error))
         if params is None or not params.enabled:
             return
-        forge = _forge()
-        if forge is None:
-            reason = a1111.unsupported_reason(p.sd_model, _custom_unet())
-            if reason:
-                log.warning("SEG is off for this model: %s", reason)
-                setattr(p, STATE_ATTR, (None, None))
-                return
-            try:
-                layer_text = a1111.layer_text(p.sd_model, params.layers)
-            except ValueError as exc:
-                setattr(p, STATE_ATTR, (None, exc))
-                return
+        params, error, layer_text = webui_adapter().prepare(p, params)
+        setattr(p, STATE_ATTR, (params, error))
+        if layer_text is not None:
             p.extra_generation_params.update(infotext.to_infotext(params, layer_text))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         params, error = getattr(p, STATE_ATTR, (None, None))
         if params is None and error is None:
             return
-        forge = _forge()
-        if forge is not None:
-            batch_rows = bool(getattr(shared.opts, seg_ui.BATCH_ROWS_SETTING, True))
-            layer_text = forge.patch_unet(p, params, error, batch_rows)
-            if layer_text is not None and not p.is_hr_pass:
-                p.extra_generation_params.update(infotext.to_infotext(params, layer_text))
-            return
-        denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-        if denoiser is not None:
-            is_sdxl = bool(getattr(p.sd_model, "is_sdxl", False))
-            batch_rows = seg_ui.batch_rows_allowed(shared.opts, getattr(shared, "cmd_opts", None), is_sdxl)
-            hr = bool(getattr(p, "is_hr_pass", False))
-            a1111.attach(denoiser, a1111.SegRun(params, is_hr_pass=hr, error=error, batch_rows=batch_rows))
+        cmd_opts = getattr(shared, "cmd_opts", None)
+        layer_text = webui_adapter().before_sampling(p, params, error, shared.opts, cmd_opts)
+        if layer_text is not None and not p.is_hr_pass:
+            p.extra_generation_params.update(infotext.to_infotext(params, layer_text))
 
-    def postprocess(self, p, processed, *args):
-        a1111.detach(getattr(getattr(p, "sampler", None), "model_wrap_cfg", None))
-
-
-def _custom_unet():
-    try:
-        from modules import sd_unet
-    except ImportError:
-        return None
-    return getattr(sd_unet, "current_unet", None)
+    def postprocess(self, p, *args):
+        webui_adapter().after_sampling(p)
 
 
 def _on_before_ui():
@@ -115,4 +81,4 @@ def _on_before_ui():
 
 script_callbacks.on_ui_settings(lambda: seg_ui.register_settings(shared, gr))
 script_callbacks.on_before_ui(_on_before_ui)
-script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser)

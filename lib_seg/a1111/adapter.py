@@ -65,6 +65,15 @@ def layer_text(sd_model: Any, spec: str) -> str:
     return query_target(sd_model).canonical(spec)
 
 
+def custom_unet() -> Any:
+    """The ``sd_unet`` setting's replacement UNet (TensorRT and the like), or None (A1111 ``modules/sd_unet.py``)."""
+    try:
+        from modules import sd_unet
+    except ImportError:
+        return None
+    return getattr(sd_unet, "current_unet", None)
+
+
 def unsupported_reason(sd_model: Any, custom_unet: Any = None) -> str | None:
     """Why SEG cannot run on this model (None if it can).  Such models are left untouched."""
     if getattr(sd_model, "cond_stage_key", None) == "edit":
