@@ -1,7 +1,10 @@
 """End-to-end: the "Smoothed Energy Guidance" node in a running ComfyUI (skipped unless ``COMFYUI_URL`` is set).
 
 ComfyUI must have this repository in ``custom_nodes/`` and an SD1.x checkpoint named by ``COMFYUI_CKPT``
-(default ``sd15-random.safetensors``; random weights are fine: images are compared with each other only).
+(default ``sd15-random.safetensors``; random weights are fine: images are compared with each other only).  The
+transformer tests run on the tiny random Flux of ``tools/make_comfy_tiny_flux.py`` in ``models/diffusion_models/``
+(``COMFYUI_DIT``, default ``flux-tiny-random.safetensors``; skipped when ComfyUI does not list it), built from
+ComfyUI's own Flux class and conditioned by the SD1.5 checkpoint's CLIP-L; its latents are compared (``SaveLatent``).
 Driven as a user's API client drives it: ``POST /prompt`` with an API-format workflow, ``GET /history/<id>``,
 ``GET /view``.  ComfyUI caches the outputs of an identical prompt, so each prompt that must sample again gets its
 own ``denoise`` of ``1 - k·1e-7`` (the same schedule; the images of two such plain prompts are identical).
@@ -22,6 +25,7 @@ import pytest
 
 URL = os.environ.get("COMFYUI_URL", "").rstrip("/")
 CKPT = os.environ.get("COMFYUI_CKPT", "sd15-random.safetensors")
+DIT = os.environ.get("COMFYUI_DIT", "flux-tiny-random.safetensors")
 _RERUN = itertools.count(1)
 
 
@@ -64,8 +68,19 @@ def workflow(
     return w
 
 
+def read_latent(raw: bytes):
+    """``latent_tensor`` of a ComfyUI ``.latent`` file (a safetensors file: 8-byte header size, JSON, data)."""
+    import numpy as np
+
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])["latent_tensor"]
+    assert header["dtype"] == "F32", header
+    start, stop = header["data_offsets"]
+    return np.frombuffer(raw[8 + size + start : 8 + size + stop], dtype="<f4").reshape(header["shape"])
+
+
 def run(w: dict) -> tuple[str, object]:
-    """('success', [pixel arrays]) or ('error', the message ComfyUI gave)."""
+    """('success', [pixel arrays or latents]) or ('error', the message ComfyUI gave)."""
     import numpy as np
     from PIL import Image
 
@@ -82,11 +97,17 @@ def run(w: dict) -> tuple[str, object]:
         time.sleep(0.25)
     if state.get("status_str") != "success":
         return "error", json.dumps(state)
-    images = []
-    for record in (i for o in history[prompt_id]["outputs"].values() for i in (o.get("images") or [])):
-        query = urllib.parse.urlencode({k: record.get(k, "") for k in ("filename", "subfolder", "type")})
-        images.append(np.asarray(Image.open(io.BytesIO(_call(f"/view?{query}")[1])).convert("RGB")))
-    return "success", images
+    results = []
+    for output in history[prompt_id]["outputs"].values():
+        for key in ("images", "latents"):
+            for record in output.get(key) or []:
+                query = urllib.parse.urlencode({k: record.get(k, "") for k in ("filename", "subfolder", "type")})
+                raw = _call(f"/view?{query}")[1]
+                if key == "latents":
+                    results.append(read_latent(raw))
+                else:
+                    results.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+    return "success", results
 
 
 def images(w: dict) -> list:
@@ -150,3 +171,59 @@ def test_stacks_with_pag_and_with_itself(plain):
 def test_a_plain_prompt_after_seg_is_bit_identical_to_the_first_plain_one(plain):
     images(workflow(seg={"infinite_blur": False, "blur_sigma": 3.0}))
     assert same(images(workflow()), plain)
+
+
+# --- a transformer through ComfyUI's own Flux class ------------------------------------------------------------
+
+
+def flux_workflow(seg: dict | None = None, cfg: float = 1.0, batch: int = 1, width: int = 128, height: int = 96):
+    """UNETLoader (tiny Flux) + the SD1.5 checkpoint's CLIP -> [SEG] -> KSampler (euler, 3 steps) -> SaveLatent."""
+    w = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT, "weight_dtype": "default"}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red house by a lake", "clip": ["2", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/seg_e2e"}},
+    }
+    model = ["1", 0]
+    if seg is not None:
+        inputs = {"scale": 3.0, "blur_sigma": 10.0, "infinite_blur": True, "layers": "middle"}
+        inputs.update(start_percent=0.0, end_percent=1.0, **seg)
+        w["9"] = {"class_type": "SmoothedEnergyGuidance", "inputs": {"model": model, **inputs}}
+        model = ["9", 0]
+    sampler = {"seed": 7, "steps": 3, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple"}
+    sampler.update(denoise=1.0 - next(_RERUN) * 1e-7, model=model, positive=["3", 0], negative=["4", 0])
+    w["6"] = {"class_type": "KSampler", "inputs": {**sampler, "latent_image": ["5", 0]}}
+    return w
+
+
+@pytest.fixture(scope="module")
+def flux():
+    listed = json.loads(_call("/object_info/UNETLoader")[1])["UNETLoader"]["input"]["required"]["unet_name"][0]
+    if DIT not in listed:
+        pytest.skip(f"{DIT} is not in ComfyUI's models/diffusion_models (tools/make_comfy_tiny_flux.py writes it)")
+    return {cfg: images(flux_workflow(cfg=cfg)) for cfg in (1.0, 4.0)}
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0], ids=["cfg1", "cfg4"])
+def test_flux_seg_changes_the_latent_and_scale_zero_does_not(flux, cfg):
+    assert not same(images(flux_workflow(seg={}, cfg=cfg)), flux[cfg])
+    assert same(images(flux_workflow(seg={"scale": 0.0}, cfg=cfg)), flux[cfg])
+
+
+def test_flux_finite_sigma_differs_and_batch_of_two(flux):
+    finite = images(flux_workflow(seg={"layers": "d0-1,s1", "infinite_blur": False, "blur_sigma": 0.5}))
+    assert not same(finite, images(flux_workflow(seg={"layers": "d0-1,s1"})))
+    pair = images(flux_workflow(seg={}, batch=2))
+    assert pair[0].shape[0] == 2 and not same([pair[0][:1]], flux[1.0])
+
+
+def test_flux_bad_layers_fail_naming_its_blocks(flux):
+    status, message = run(flux_workflow(seg={"layers": "j7-9"}))
+    assert status == "error" and "SEG layers" in message and "d0-1,s0-1" in message
+
+
+def test_flux_plain_after_seg_is_bit_identical(flux):
+    images(flux_workflow(seg={"layers": "all"}))
+    assert same(images(flux_workflow()), flux[1.0])
