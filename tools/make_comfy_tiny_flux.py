@@ -1,7 +1,8 @@
 """Write a tiny random Flux.1 (schnell layout) diffusion model that ComfyUI's ``UNETLoader`` loads, for the e2e
 tests of the SEG node on a transformer (``tests/e2e/test_comfyui.py``).  Not a test; run with ComfyUI's Python:
 
-    <comfyui venv>/bin/python tools/make_comfy_tiny_flux.py <comfyui base>/models/diffusion_models/flux-tiny-random.safetensors
+    cd <comfyui base> && venv/bin/python <repo>/tools/make_comfy_tiny_flux.py \
+        models/diffusion_models/flux-tiny-random.safetensors
 
 The model is built from ComfyUI's own class (``comfy.ldm.flux.model.Flux``) and written with its own key names, so
 ComfyUI's detection (``comfy/model_detection.py``: Flux when ``double_blocks.0.img_attn.norm.key_norm.scale`` and
@@ -23,9 +24,22 @@ def build(seed: int = 0) -> dict[str, torch.Tensor]:
     from comfy.ldm.flux.model import Flux
 
     model = Flux(
-        in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=256, mlp_ratio=4.0,
-        num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=False, txt_ids_dims=[], operations=comfy.ops.disable_weight_init,
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=768,
+        context_in_dim=768,
+        hidden_size=256,
+        mlp_ratio=4.0,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=[16, 56, 56],
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        guidance_embed=False,
+        txt_ids_dims=[],
+        operations=comfy.ops.disable_weight_init,
         dtype=torch.float32,
     )
     g = torch.Generator().manual_seed(seed)
