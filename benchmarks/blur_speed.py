@@ -1,8 +1,8 @@
 """Time SEG's query blur: our operator blur vs the official dense 2D depthwise conv.
 
-    python benchmarks/blur_speed.py                 # CPU, the sizes of the core issue
-    python benchmarks/blur_speed.py --device cuda --dtype float16
-    python benchmarks/blur_speed.py --tiny          # CPU smoke run of the script (small maps, 2 repeats)
+    python -m benchmarks.blur_speed                 # CPU, the sizes of the core issue
+    python -m benchmarks.blur_speed --device cuda --dtype float16
+    python -m benchmarks.blur_speed --tiny          # CPU smoke run of the script (small maps, 2 repeats)
 
 Not a test: prints median milliseconds per call for each map size.  "ours" is what
 ``blur_queries`` picks; "axis" forces the two axis products, "grid" the single N x N product
@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib_seg.core import blur
 from lib_seg.core.blur import blur_queries, gaussian_kernel_1d, kernel_size

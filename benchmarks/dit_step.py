@@ -1,9 +1,9 @@
 """Per-step cost of SEG on DiTs (Flux, SD3.5, Flux.2-Klein, Neo's families): CFG only, separate SEG call, batched rows.
 
-    python benchmarks/dit_step.py --out dit-table.md          # on a CUDA machine: full size, bf16 (CASES)
-    python benchmarks/dit_step.py --cases families            # Neo's families at full size (FAMILY_CASES)
-    python benchmarks/dit_step.py --cases wan14b:1:4:inf      # any model:batch:cfg:sigma list
-    python benchmarks/dit_step.py --tiny                      # CPU smoke run (small widths, 8 cases)
+    python -m benchmarks.dit_step --out dit-table.md          # on a CUDA machine: full size, bf16 (CASES)
+    python -m benchmarks.dit_step --cases families            # Neo's families at full size (FAMILY_CASES)
+    python -m benchmarks.dit_step --cases wan14b:1:4:inf      # any model:batch:cfg:sigma list
+    python -m benchmarks.dit_step --tiny                      # CPU smoke run (small widths, 8 cases)
 
 The transformers are the from-scratch DiTs of tests/support/dit_models.py built at the released sizes
 with random bf16 weights, made directly on the device (meta tensors, ``to_empty``, then a
@@ -116,27 +116,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.seg_step import Timer  # noqa: E402
-from lib_seg.core.params import SegParams  # noqa: E402
-from lib_seg.dit.families import family_of  # noqa: E402
-from lib_seg.dit.prefix import blocks_in_order  # noqa: E402
-from lib_seg.forge import adapter as forge  # noqa: E402
-from lib_seg.targets import query_target  # noqa: E402
-from tests.support import forge_host as host  # noqa: E402
-from tests.support.dit_anima import TinyAnima  # noqa: E402
-from tests.support.dit_ernie import TinyErnie  # noqa: E402
-from tests.support.dit_flux2 import TinyFlux2  # noqa: E402
-from tests.support.dit_krea import SwiGLU, TextFusionTransformer, TinyKrea2  # noqa: E402
-from tests.support.dit_models import TinyFlux, TinyMMDiT  # noqa: E402
-from tests.support.dit_nextdit import TinyNextDiT  # noqa: E402
-from tests.support.dit_pixeldit import TinyPixelDiT  # noqa: E402
-from tests.support.dit_qwen import TinyQwen  # noqa: E402
-from tests.support.dit_qwen21 import Block as Qwen21Block  # noqa: E402
-from tests.support.dit_qwen21 import TinyQwen21  # noqa: E402
-from tests.support.dit_wan import TinyWan  # noqa: E402
+from benchmarks.seg_step import Timer
+from lib_seg.core.params import SegParams
+from lib_seg.dit.families import family_of
+from lib_seg.dit.prefix import blocks_in_order
+from lib_seg.forge import adapter as forge
+from lib_seg.targets import query_target
+from tests.support import forge_host as host
+from tests.support.dit_anima import TinyAnima
+from tests.support.dit_ernie import TinyErnie
+from tests.support.dit_flux2 import TinyFlux2
+from tests.support.dit_krea import SwiGLU, TextFusionTransformer, TinyKrea2
+from tests.support.dit_models import TinyFlux, TinyMMDiT
+from tests.support.dit_nextdit import TinyNextDiT
+from tests.support.dit_pixeldit import TinyPixelDiT
+from tests.support.dit_qwen import TinyQwen
+from tests.support.dit_qwen21 import Block as Qwen21Block
+from tests.support.dit_qwen21 import TinyQwen21
+from tests.support.dit_wan import TinyWan
 
 KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
 TIMED = ("cfg", "separate", "batched")

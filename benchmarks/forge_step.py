@@ -1,7 +1,7 @@
 """Per-step cost of SEG through the Forge-family adapter: CFG only vs the separate pass vs batched rows.
 
-    python benchmarks/forge_step.py --out forge-table.md       # on a CUDA machine
-    python benchmarks/forge_step.py --tiny                     # CPU smoke run of the script, no numbers
+    python -m benchmarks.forge_step --out forge-table.md       # on a CUDA machine
+    python -m benchmarks.forge_step --tiny                     # CPU smoke run of the script, no numbers
 
 Same UNets as ``seg_step.py`` (tests/support/unet.py with the real SD1.5/SDXL configurations, random
 fp16 weights).  The host is the imitation of new Forge's sampling contract in
@@ -27,14 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.seg_step import MODELS, Timer, prefix_error, step_arguments  # noqa: E402
-from lib_seg.core.params import SegParams  # noqa: E402
-from lib_seg.forge import adapter as forge  # noqa: E402
-from tests.support import forge_host as host  # noqa: E402
-from tests.support.unet import UNetModel  # noqa: E402
+from benchmarks.seg_step import MODELS, Timer, prefix_error, step_arguments
+from lib_seg.core.params import SegParams
+from lib_seg.forge import adapter as forge
+from tests.support import forge_host as host
+from tests.support.unet import UNetModel
 
 MODES = ("cfg", "separate", "batched", "prefix")
 KIND = "forge"

@@ -1,7 +1,7 @@
 """Is batched (and prefix-reusing) SEG the same function as the separate pass on a GPU?
 
-    python benchmarks/gpu_equivalence.py
-    python benchmarks/gpu_equivalence.py --tiny       # CPU smoke run of the script (tiny UNets)
+    python -m benchmarks.gpu_equivalence
+    python -m benchmarks.gpu_equivalence --tiny       # CPU smoke run of the script (tiny UNets)
 
 For float32 (TF32 off) and float16 it prints, for the real SDXL and SD1.5 architectures with random
 weights: the SEG effect ‖separate − cfg‖, the host's own batch-size noise ‖cfg − cfg with cond/uncond
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import forge_step
 from benchmarks.seg_step import build_model, make_inputs, seg_run

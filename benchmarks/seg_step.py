@@ -1,7 +1,7 @@
 """Per-step cost of SEG on a GPU: CFG only vs the SEG strategies of the A1111 adapter.
 
-    python benchmarks/seg_step.py --out docs/benchmarks.md        # on a CUDA machine
-    python benchmarks/seg_step.py --tiny                          # CPU smoke run of the script, no numbers
+    python -m benchmarks.seg_step --out docs/benchmarks.md        # on a CUDA machine
+    python -m benchmarks.seg_step --tiny                          # CPU smoke run of the script, no numbers
 
 The UNets are tests/support/unet.py built with the real SD1.5 and SDXL configurations (their parameter
 counts equal the released models': 859.5 M and 2567.5 M) with random fp16 weights; the CFG denoiser
@@ -28,23 +28,18 @@ import argparse
 import datetime
 import math
 import statistics
-import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from contextlib import contextmanager, nullcontext  # noqa: E402
-
-from lib_seg.a1111 import adapter as a1111  # noqa: E402
-from lib_seg.core.blur import blur_queries  # noqa: E402
-from lib_seg.core.params import SegParams  # noqa: E402
-from lib_seg.unet import hooks as unet_hooks  # noqa: E402
-from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel  # noqa: E402
-from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel  # noqa: E402
+from lib_seg.a1111 import adapter as a1111
+from lib_seg.core.blur import blur_queries
+from lib_seg.core.params import SegParams
+from lib_seg.unet import hooks as unet_hooks
+from tests.support.a1111_host import CFGDenoiser, DictWithShape, FakeSDModel
+from tests.support.unet import SD15, SDXL, TINY_SD1, TINY_SDXL, UNetModel
 
 MODELS = {"sdxl": SDXL, "sd15": SD15, "tiny-sdxl": TINY_SDXL, "tiny-sd1": TINY_SD1}
 MODES = ("cfg", "separate", "batched", "prefix")

@@ -16,7 +16,7 @@ de2193d, ``webui/``) with these files taken verbatim from newer forks (its ``PRO
 
 Run with Neo 2.26's venv (the tool puts the pylib, the tree and ``modules_forge/packages`` on ``sys.path`` and
 ``--cpu --use-pytorch-cross-attention`` in argv, as ``/work/hosts/neo229/TINY_MODELS.md`` says):
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo229
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_backend_smoke --host neo229
 
 Every model is built as 2.29's ``backend/loader.py`` builds it, under ``using_forge_operations`` (Lumina,
 Z-Image, Anima and Qwen-Image 2.1 cast their q/k-norm weights with ``weights_manual_cast``, which needs Forge's
@@ -49,8 +49,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from _neo_cases import GRID, LATENT, Draw, build, flux_cases, neo_globals, specs, wan_cases
-from dit_backend_smoke import BATCH, FLOAT32_REL, N_TXT, Case
+from tools._neo_cases import GRID, LATENT, Draw, build, flux_cases, neo_globals, specs, wan_cases
+from tools.dit_backend_smoke import BATCH, FLOAT32_REL, N_TXT, Case
 
 N_GRID = GRID[0] * GRID[1]  # patch-2 image tokens of the 9 x 13 latent (5 x 7)
 

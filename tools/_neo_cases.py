@@ -3,7 +3,7 @@
 Not a script: a module that ``tools/dit_backend_smoke.py`` imports for ``--host neo`` (it needs Neo's tree and
 venv, so it has no CI tiny mode of its own; the tool's ``--host imitation``, run by tests/tools, checks the
 reference, comparison and report these cases go through).  Run it as the tool:
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_backend_smoke --host neo
 
 Every model is the class Neo's ``backend/loader.py`` builds (lines 380-420), with the config keys Neo's
 ``modules_forge/packages/huggingface_guess/detection.py`` derives (lines 43-260), shrunk to 2-3 blocks and
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from dit_backend_smoke import BATCH, FLOAT32_REL, FLUX_SPECS, N_TXT, Case, draw_inputs, randomize
+from tools.dit_backend_smoke import BATCH, FLOAT32_REL, FLUX_SPECS, N_TXT, Case, draw_inputs, randomize
 
 LATENT = (9, 13)  # odd, non-square: every family pads (or, patch 1, needs no pad)
 GRID = ((LATENT[0] + 1) // 2, (LATENT[1] + 1) // 2)  # patch 2: 5 x 7

@@ -39,11 +39,18 @@ appended; separate: the main call, then one cond-only call), no hooks left on th
 patcher's ``model_options`` untouched, SEG off (disabled, scale 0) bit-identical to no extension, and a layer
 spec the model lacks fails sampling with a ValueError that names the model's blocks.
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR as in dit_backend_smoke):
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_adapter_smoke.py --host forge2
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_adapter_smoke.py --host reforge
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_adapter_smoke.py --host neo
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_adapter_smoke.py --host neo229
+ComfyUI (``--host comfyui``, ``tools/_comfy_adapter.py``): ``lib_seg.comfy.adapter.patch_model`` (the SEG node's
+path) on the ComfyUI cases of ``dit_backend_smoke`` whose conds a prompt gives, in the ``model_base`` class ComfyUI
+loads them into, through its own ``ModelPatcher``, ``process_conds``, ``sampling_function`` and ``calc_cond_batch``:
+    HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 /work/hosts/comfyui/venv/bin/python -m tools.dit_adapter_smoke \
+        --host comfyui
+
+Run from the repo root with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR as in
+dit_backend_smoke):
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python -m tools.dit_adapter_smoke --host forge2
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python -m tools.dit_adapter_smoke --host reforge
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_adapter_smoke --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_adapter_smoke --host neo229
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` takes the patcher
 (``UnetPatcher``, ``DitModel`` as KModel runs a DiT), the sampling module (``sampling_function`` /
@@ -51,7 +58,7 @@ Self-check without a host tree (what CI runs, tests/tools): ``--host imitation``
 imitation, and the DiTs and the reference from ``dit_backend_smoke --host imitation``.  Everything this
 tool does after the host lookups (the expectation, the call counts, the hook and option checks, the
 failing spec, the report) runs unchanged.  It checks this tool and lib_seg against the imitation only:
-    python tools/dit_adapter_smoke.py --host imitation
+    python -m tools.dit_adapter_smoke --host imitation
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import dit_backend_smoke as smoke  # this script's folder is sys.path[0]
+from tools import dit_backend_smoke as smoke
 
 SEG_SCALE, SIGMA_T, IMAGES = 3.0, 0.8, smoke.BATCH
 # Bounds on max|seg - expected| / (3 * max|x - cond_plain|): the hosts' prediction is x - sigma * output, so
@@ -321,7 +328,15 @@ class Neo229(Neo):
         return [case for case in smoke.neo229_cases() if case.name in self.WANTED]
 
 
+def comfyui():
+    """ComfyUI (``tools/_comfy_adapter.py``): ``lib_seg.comfy.adapter.patch_model`` through its own sampling."""
+    from tools._comfy_adapter import ComfyUI
+
+    return ComfyUI()
+
+
 APIS = {"forge2": Forge2, "reforge": ReForge, "neo": Neo, "neo229": Neo229, smoke.IMITATION: Imitation}
+APIS["comfyui"] = comfyui
 
 
 def processing(patcher):
@@ -442,7 +457,10 @@ def main() -> int:
 
     print(f"{host} tree {tree}, torch {torch.__version__}, lib_seg host kind {adapter.host_kind()}")
     for case in api.cases():
-        run_case(host, api, case, report)
+        if hasattr(api, "run"):  # ComfyUI: its own node path (tools/_comfy_adapter.py)
+            api.run(host, case, report)
+        else:
+            run_case(host, api, case, report)
     print(f"{len(failures)} failed" if failures else "OK")
     return 1 if failures else 0
 

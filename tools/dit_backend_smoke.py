@@ -33,19 +33,27 @@ Z-Image, Lumina 2 (grouped k/v: ``ck.rms_rope1``), Anima (1, 2 frames, a referen
 references before the image), Qwen-Image 2.1 (0, 1, 2 references; block-causal segments, only the target's
 call blurred), Flux.1 (Kontext), Chroma, Flux.2-Klein, Wan and Qwen-Image (Edit).
 
-Run with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR, defaults below; the
-2.29 hybrid runs with Neo 2.26's venv):
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python tools/dit_backend_smoke.py --host forge2
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python tools/dit_backend_smoke.py --host reforge
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo
-    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python tools/dit_backend_smoke.py --host neo229
+ComfyUI (``--host comfyui``, ``tools/_comfy_cases.py``): its own classes in the tree /work/hosts/comfyui/src
+(COMFYUI_DIR; hiddenswitch/pip-and-uv-installable-ComfyUI 87606c5f), called as ``model_base`` calls them: Flux.1
+(Kontext), Chroma, Flux.2-Klein, SD3 / SD3.5 (float64), Z-Image (also Omni with a reference), Lumina 2, Qwen-Image
+(Edit, Layered), Wan (image, video, ``time_dim_concat``, 2.1 i2v, a reference frame), Anima; and the models it must
+leave alone (HunyuanVideo / HunyuanImage, Hunyuan3D, Chroma Radiance, plain Cosmos-Predict2) claimed by no family:
+    HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 /work/hosts/comfyui/venv/bin/python -m tools.dit_backend_smoke \
+        --host comfyui
+
+Run from the repo root with the host's venv (the tree is FORGE_DIR / REFORGE_DIR / NEO_DIR / NEO229_DIR,
+defaults below; the 2.29 hybrid runs with Neo 2.26's venv):
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-forge2/bin/python -m tools.dit_backend_smoke --host forge2
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/venv-reforge/bin/python -m tools.dit_backend_smoke --host reforge
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_backend_smoke --host neo
+    PYTHONDONTWRITEBYTECODE=1 /work/hosts/forge-neo/venv/bin/python -m tools.dit_backend_smoke --host neo229
 
 Self-check without a host tree (what CI runs, tests/tools): ``--host imitation`` builds the repo's own
 from-scratch Flux and MMDiT (tests/support/dit_models.py, float64 throughout, RoPE included) instead of a host's
 classes; their blocks call ``tests.support.dit_blocks.attention_function`` through that module at call time, as
 the hosts' blocks call theirs, so the same reference, comparison, leftover-hook checks and report run end to end.
 It checks this tool and lib_seg against the imitation, not against a host:
-    python tools/dit_backend_smoke.py --host imitation
+    python -m tools.dit_backend_smoke --host imitation
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ HOSTS = {
     "reforge": ("REFORGE_DIR", "/work/hosts/reforge"),
     "neo": ("NEO_DIR", "/work/hosts/forge-neo/webui"),
     "neo229": ("NEO229_DIR", "/work/hosts/neo229"),
+    "comfyui": ("COMFYUI_DIR", "/work/hosts/comfyui/src"),  # hiddenswitch/pip-and-uv-installable-ComfyUI 87606c5f
 }
 NEO229_PYLIB = ("NEO229_PYLIB", "/work/hosts/neo229-pylib")  # comfy-kitchen 0.2.40, first on the path
 IMITATION = "imitation"  # no host tree: the repo's test imitations (tests/support)
@@ -111,10 +120,10 @@ class Case:
 
 
 def setup(host: str) -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The host tree (and its vendored packages) first on ``sys.path``, ahead of the repo (``python -m`` from the
+    repo root put it there); the host's argv."""
     if host == IMITATION:  # nothing to import from a host, no host argv to satisfy
-        sys.path[:0] = [repo]
-        return os.path.join(repo, "tests", "support")
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "support")
     env, default = HOSTS[host]
     tree = os.path.abspath(os.environ.get(env, default))
     extra = {
@@ -123,10 +132,11 @@ def setup(host: str) -> str:
         "neo229": [f"{tree}/modules_forge/packages"],
     }.get(host, [])
     first = [os.path.abspath(os.environ.get(*NEO229_PYLIB))] if host == "neo229" else []
-    sys.path[:0] = [*first, tree, *extra, repo]
+    sys.path[:0] = [*first, tree, *extra]
     # The hosts parse argv when imported (Neo rejects unknown flags, and --always-cpu is gone there); the 2.29
     # tree needs SDPA on the CPU: its default there, attention_basic, fails on Qwen-Image 2.1's 2-D masks.
-    sys.argv[1:] = {"neo": ["--cpu"], "neo229": ["--cpu", "--use-pytorch-cross-attention"]}.get(host, ["--always-cpu"])
+    argv = {"neo": ["--cpu"], "neo229": ["--cpu", "--use-pytorch-cross-attention"], "comfyui": ["--cpu"]}
+    sys.argv[1:] = argv.get(host, ["--always-cpu"])  # ComfyUI parses none on import; --cpu if it ever does
     if host == "reforge":
         from ldm_patched.modules import args_parser
 
@@ -254,10 +264,7 @@ def neo_cases() -> list[Case]:
     """Forge Neo 2.26's own classes (de2193d), float32: Flux.1 (Kontext), Chroma, Flux.2-Klein, Z-Image,
     Lumina 2, Qwen-Image (Edit), Wan (image, video, i2v), Anima, Krea 2, Ernie-Image, PixelDiT and PiD, in
     ``tools/_neo_cases.py`` (a module, not a script)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:  # run as a script, the tools directory is already first
-        sys.path.insert(0, here)
-    from _neo_cases import neo_cases as cases
+    from tools._neo_cases import neo_cases as cases
 
     return cases()
 
@@ -265,10 +272,15 @@ def neo_cases() -> list[Case]:
 def neo229_cases() -> list[Case]:
     """The Neo 2.29 hybrid tree's classes (``tools/_neo229_cases.py``): Z-Image, Lumina 2, Anima, Krea 2,
     Qwen-Image 2.1 on the 2.29 files, Flux.1 / Chroma / Flux.2-Klein, Wan and Qwen-Image on the newer ones."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from _neo229_cases import neo229_cases as cases
+    from tools._neo229_cases import neo229_cases as cases
+
+    return cases()
+
+
+def comfyui_cases() -> list[Case]:
+    """ComfyUI's own classes (``tools/_comfy_cases.py``): Flux.1 (Kontext), Chroma, Flux.2-Klein, SD3 / SD3.5, Z-Image
+    (Omni reference), Lumina 2, Qwen-Image (Edit, Layered), Wan (image, video, i2v, reference frame), Anima."""
+    from tools._comfy_cases import comfyui_cases as cases
 
     return cases()
 
@@ -278,6 +290,7 @@ CASES = {
     "reforge": reforge_cases,
     "neo": neo_cases,
     "neo229": neo229_cases,
+    "comfyui": comfyui_cases,
     IMITATION: imitation_cases,
 }
 

@@ -6,8 +6,8 @@ Builds a tiny random ``backend.nn.unet.IntegratedUNet2DConditionModel``, wraps i
 ``calc_cond_uncond_batch``.  The SEG result must equal ``denoised + s * (cond - cond_ref)``, where
 ``cond_ref`` comes from an unpatched pass with a forward hook on the layer's ``to_q`` (no adapter code).
 
-Run with the Forge venv:
-    FORGE_DIR=/path/to/forge /path/to/forge-venv/bin/python tools/forge_backend_smoke.py
+Run from the repo root with the Forge venv:
+    FORGE_DIR=/path/to/forge /path/to/forge-venv/bin/python -m tools.forge_backend_smoke
 ``--always-cpu`` is added to argv because ``backend.args`` parses it at import.
 
 Self-check without a Forge tree (what CI runs, tests/tools): ``--host imitation`` takes the UNet
@@ -15,7 +15,7 @@ Self-check without a Forge tree (what CI runs, tests/tools): ``--host imitation`
 ``activations_shape`` from attn1 patches as Forge's blocks do) and the sampling module from the repo's
 new-Forge imitation (tests/support/unet.py, forge_host.py); the steps, references and assertions below
 run unchanged.  It checks this tool and lib_seg against the imitation only:
-    python tools/forge_backend_smoke.py --host imitation
+    python -m tools.forge_backend_smoke --host imitation
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _setup_paths() -> None:
     sys.argv.append("--always-cpu")
     forge_dir = os.environ.get("FORGE_DIR", "../forge")
-    extra = [forge_dir, f"{forge_dir}/packages_3rdparty", f"{forge_dir}/repositories/huggingface_guess", REPO]
-    sys.path[:0] = extra
+    sys.path[:0] = [forge_dir, f"{forge_dir}/packages_3rdparty", f"{forge_dir}/repositories/huggingface_guess"]
 
 
 @dataclass
@@ -111,7 +108,6 @@ def imitation_host() -> Host:
     In float64: this UNet amplifies float32 rounding more than Forge's (in float32 its batch-shape noise alone,
     5e-5, exceeds the 1e-5 bound below, which was set on Forge's UNet); in float64 rounding stays far under it,
     and the SEG term (about 1e-3) stays well above the 1e-4 the check asks of it."""
-    sys.path[:0] = [REPO]
     import torch
 
     from tests.support import forge_host as imitation

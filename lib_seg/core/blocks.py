@@ -1,4 +1,4 @@
-"""Which DiT blocks SEG blurs, and how a user names them.
+"""Which DiT blocks SEG blurs, and how a user names them: the grammar of block specs.
 
 A block is ``(kind, index)``: Flux/Chroma have ``double``-stream blocks (``d0``-``d18``, separate
 image and text weights, joint attention) and ``single``-stream blocks (``s0``-``s37``, one joint
@@ -12,19 +12,12 @@ A spec is a comma-separated, case-insensitive list of presets (``double``, ``sin
 model really has (the adapter passes the counts it finds), and an error names the field and lists
 them, as :mod:`lib_seg.core.layers` does for UNets (whose spec helpers are reused).
 
-Defaults (:func:`default_layer_spec`) follow the only published DiT layer choices, from perturbed-
-or skipped-layer guidance (``docs/dit.md``, "Default layers"):
-
-* SD3/SD3.5 ``j7-9``: Stability's skip-layer guidance for SD3.5 Medium uses layers 7, 8, 9
-  (``Stability-AI/sd3.5`` ``sd3_infer.py:509-518``); ComfyUI's ``SkipLayerGuidanceSD3`` defaults to
-  "7, 8, 9"; diffusers' SLG and SEG guiders recommend ``[7, 8, 9]`` for SD3.5 Medium (its SEG guider
-  itself has no default).  The same is used for SD3 Medium and SD3.5 Large, untuned.
-* Flux/Chroma ``d7-9,s7-9``: ComfyUI's ``SkipLayerGuidanceDiT`` default (double "7, 8, 9", single
-  "7, 8, 9", ``comfy_extras/nodes_slg.py:24-28``).  No published Flux SEG or PAG default exists.
-* Flux.2 (Klein 4B: 5 double + 20 single blocks, 9B: 8 + 24): nothing published, and Flux.1's indices
-  7-9 do not exist in Klein's double stream; the middle block of each stream, ``d2,s10`` / ``d4,s12``.
-
-Which default applies is the model's family's (:mod:`lib_seg.dit.families`), not the block counts'.
+What ``middle`` (the default preset) selects is :func:`default_layers`: a family's published default
+where the model has all its blocks, else the middle block of each stream.  The released models, their
+blocks and the published defaults with their evidence (``docs/dit.md``, "Default layers") are the
+families' facts (:mod:`lib_seg.dit.families`: Flux/Chroma ``d7-9,s7-9`` from ComfyUI's
+``SkipLayerGuidanceDiT``, SD3/SD3.5 ``j7-9`` from Stability's skip-layer guidance; none published for the
+others); which default applies is the model's family's, not the block counts'.
 
 No real DiT weights were available while writing this, so none of these was tuned for SEG; they are
 starting points that users are expected to adjust.
@@ -47,51 +40,6 @@ PRESETS: dict[str, tuple[str, ...]] = {**{kind: (kind,) for kind in KINDS}, "all
 DEFAULT_WORDS = ("middle", "mid")  # the UNet default preset's name means "this DiT's default blocks"
 _ITEM = re.compile(r"^([dsjlb])(\d+)(?:-(\d+))?$")
 
-# Block counts of the released models (double, single, joint).
-MODEL_BLOCKS: dict[str, tuple[int, ...]] = {  # (double, single, joint, layer, block)
-    "flux": (19, 38, 0),
-    "chroma": (19, 38, 0),
-    "sd3": (0, 0, 24),
-    "sd3.5-medium": (0, 0, 24),
-    "sd3.5-large": (0, 0, 38),
-    "flux2-klein-4b": (5, 20, 0),  # Neo huggingface_guess: depth from the checkpoint; BFL's Klein configs
-    "flux2-klein-9b": (8, 24, 0),
-    "z-image-turbo": (0, 0, 0, 30),  # Tongyi-MAI/Z-Image-Turbo transformer config: n_layers 30
-    "neta-lumina": (0, 0, 0, 26),  # neta-art/Neta-Lumina: num_layers 26
-    "krea-2": (0, 28),
-    "ernie-image": (0, 0, 0, 36),
-    "pid": (0, 0, 14, 0, 2),  # PixelDiT / PiD: 14 patch (joint) blocks, 2 pixel blocks
-    "qwen-image": (0, 0, 60),  # Neo backend/huggingface/Qwen/Qwen-Image/transformer/config.json
-    "wan2.2-a14b": (0, 0, 0, 0, 40),  # each expert; Wan 2.1 14B too (Wan-Video wan/configs)
-    "wan2.2-ti2v-5b": (0, 0, 0, 0, 30),  # Wan 2.1 1.3B too
-    "anima": (0, 0, 0, 0, 28),  # Neo huggingface_guess/detection.py
-    "anima-2.9b": (0, 0, 0, 0, 40),  # Neo 2.29 anima.py BLOCK_MAPPINGS depths 28 / 40 / 52
-    "anima-3.8b": (0, 0, 0, 0, 52),
-    "qwen-image-2.1": (0, 32),  # Neo 2.29 qwen21.py (and ComfyUI's) num_layers default
-}
-FLUX1_DEFAULT, SD3_DEFAULT = "d7-9,s7-9", "j7-9"  # published choices (module docstring)
-PUBLISHED_DEFAULTS: dict[str, str | None] = {
-    "flux": FLUX1_DEFAULT,
-    "chroma": FLUX1_DEFAULT,
-    "sd3": SD3_DEFAULT,
-    "sd3.5-medium": SD3_DEFAULT,
-    "sd3.5-large": SD3_DEFAULT,
-    "flux2-klein-4b": None,  # none published: the middle block of each stream
-    "flux2-klein-9b": None,
-    "z-image-turbo": None,  # none of these has a published SEG/PAG/SLG choice: the middle block
-    "neta-lumina": None,
-    "krea-2": None,
-    "ernie-image": None,
-    "pid": "j7",  # the middle patch block (the pixel blocks are the per-pixel head before the output)
-    "qwen-image": None,
-    "wan2.2-a14b": None,
-    "wan2.2-ti2v-5b": None,
-    "anima": None,
-    "anima-2.9b": None,
-    "anima-3.8b": None,
-    "qwen-image-2.1": None,
-}
-
 
 class DitLayer(NamedTuple):
     kind: str
@@ -107,19 +55,6 @@ def model_layers(
         if int(count) < 0:
             raise ValueError(f"{kind} block count must be >= 0, got {count}")
     return tuple(DitLayer(kind, i) for kind in KINDS for i in range(int(counts[kind])))
-
-
-def family_layers(family: str) -> tuple[DitLayer, ...]:
-    """Blocks of a released model (a key of :data:`MODEL_BLOCKS`: ``flux``, ``sd3.5-medium``, ``flux2-klein-4b``,
-    ``z-image-turbo``, ...)."""
-    if family not in MODEL_BLOCKS:
-        raise ValueError(f"unknown DiT family {family!r}; known: {', '.join(MODEL_BLOCKS)}")
-    return model_layers(*MODEL_BLOCKS[family])
-
-
-def default_layer_spec(family: str) -> str:
-    """The default blocks of a released model; see the module docstring for the evidence (and its limits)."""
-    return default_layers(family_layers(family), PUBLISHED_DEFAULTS[family])
 
 
 def default_layers(available: Iterable[DitLayer], released: str | None = None) -> str:

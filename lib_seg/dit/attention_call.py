@@ -15,9 +15,12 @@ segment by segment, the target image last), through whichever of two interceptor
   ``wrap_attn``, ComfyUI's): :meth:`AttentionCalls.with_override` returns a copy of the call's options
   with SEG's override, chained in front of any override another extension set (never replacing it);
 * the model file's module-global attention function, looked up by name at call time (Neo 2.26, Forge 2.x,
-  reForge, and 2.27+ files alike): :meth:`AttentionCalls.wrap` replaces that name while armed and puts the
+  reForge, and 2.27+ files alike; ComfyUI's files import theirs as ``optimized_attention`` or
+  ``optimized_attention_masked``): :meth:`AttentionCalls.wrap` replaces that name while armed and puts the
   host's function back on removal (unless another wrapper was put over it since; then SEG's stays in the
-  chain and passes every call through once disarmed).
+  chain and passes every call through once disarmed).  Newer ComfyUI passes q, k, v to it boxed in
+  ``AttentionTensorContainer`` s: their tensors are read without being taken, and a blurred q goes on in a new
+  box (:func:`unwrapped`, :func:`rewrapped`); its ``wrap_attn`` unboxes them before it calls an override.
 
 Both lead to the same armed blur, which is taken once, so a call that passes both is blurred once.
 Calls outside an armed module (the cross-attention to the text, refiners, unchosen blocks) pass
@@ -76,6 +79,20 @@ class CallShape:
 
 
 Locate = Callable[[CallShape], "ImageTokens | None"]  # None: not this call (keep waiting); raises Skip
+
+
+def unwrapped(value: Any) -> Any:
+    """The tensor inside newer ComfyUI's ``AttentionTensorContainer`` (``comfy/ldm/modules/attention.py``: a
+    single-owner box with ``peek()`` / ``take()`` that its models pass q, k, v in), read with ``peek()`` so the
+    host still finds it full; anything else as it is."""
+    peek = getattr(value, "peek", None)
+    return value if torch.is_tensor(value) or not callable(peek) else peek()
+
+
+def rewrapped(original: Any, tensor: torch.Tensor) -> Any:
+    """``tensor`` in a new container of ``original``'s type where ``original`` was one (:func:`unwrapped`), so the
+    host's attention gets what it was called with; else ``tensor``."""
+    return tensor if torch.is_tensor(original) or unwrapped(original) is original else type(original)(tensor)
 
 
 def query_layout(q: Any, kwargs: dict) -> str | None:
@@ -142,7 +159,7 @@ class AttentionCalls:
         if self._pending is None or len(args) < 2:
             return args
         layer, locate = self._pending
-        q, k = args[0], args[1]
+        q, k = unwrapped(args[0]), unwrapped(args[1])
         layout = query_layout(q, kwargs)
         if layout is None or not torch.is_tensor(k) or k.dim() != q.dim():
             self._pending = None
@@ -163,7 +180,7 @@ class AttentionCalls:
         if image.stop > length:
             self.skip(layer, length, image.grid)
             return args
-        return (blur_call_queries(q, layout, image, self.sigma), *args[1:])
+        return (rewrapped(args[0], blur_call_queries(q, layout, image, self.sigma)), *args[1:])
 
     # the interceptors
     def override(self, previous: Callable | None) -> Callable:

@@ -11,7 +11,8 @@ RoPE, so its ``ln_q`` output ``(B, L, heads, D)`` or the reshaped ``(B, L, heads
 (:func:`blur_image_queries` with ``blhd`` / ``bld``).  Flux and Chroma rotate q by RoPE inside
 ``attention()``, after QK-norm; blurring before RoPE is not the same (RoPE differs per token).  Where
 the only per-instance hook is the QK-norm output, :func:`blur_before_rope` returns
-``R^-1 blur(R q)``, which the host's own RoPE turns into exactly ``blur(R q)``.
+``R^-1 blur(R q)``, which the host's own RoPE turns into exactly ``blur(R q)``: the one RoPE identity of
+every q-norm family (Flux, Chroma, Flux.2, Qwen-Image, PixelDiT; Wan frame by frame), in either token layout.
 """
 
 from __future__ import annotations
@@ -130,25 +131,36 @@ def blur_before_rope(
     grid: tuple[int, int],
     sigma: float,
     rows: Rows = None,
+    layout: Literal["bhld", "blhd"] = "bhld",
+    frames: int = 1,
 ) -> torch.Tensor:
     """Pre-RoPE queries ``q'`` whose RoPE is the blur of the RoPE'd queries: ``R q' = blur(R q)``.
 
-    For a hook on Flux/Chroma's QK-norm output, (B, heads, L, D), before the host applies RoPE.
-    ``pe`` holds the rotations of the same ``L`` tokens as ``q`` (a double block's image-only q needs
-    ``pe[:, :, n_txt:]``; a single block's joint q the whole ``pe``).  Only the image rows are
-    rotated, blurred and rotated back, in float32 or wider, rounded once to ``q.dtype``: text rows are
-    returned bit for bit.  Exact up to that rounding, because ``R^-1 = R^T`` for rotations.
+    For a hook on a q-norm's output, before the host applies RoPE: ``q`` (B, heads, L, D) in ``bhld`` (Flux, Chroma,
+    PixelDiT, ComfyUI's Qwen-Image), (B, L, heads, D) in ``blhd`` (Neo's Qwen-Image, Wan); ``pe`` the rotations the
+    host applies next, of the same ``L`` tokens with the token axis where ``q`` has it, (B or 1, 1, L, D/2, 2, 2) or
+    (B or 1, L, 1, D/2, 2, 2) (a Flux double block's image-only q needs ``pe[:, :, n_txt:]``; a single block's joint
+    q the whole ``pe``).  ``frames`` > 1: the image is that many consecutive frames of the grid (a video), each
+    blurred over its own grid, as :func:`blur_image_queries`.  Only the image rows of the chosen batch ``rows`` are
+    rotated, blurred and rotated back, in float32 or wider, rounded once to ``q.dtype``: other rows are returned bit
+    for bit.  Exact up to that rounding, because ``R^-1 = R^T`` for rotations.
     """
-    _check(q, image, grid, "bhld")
+    _check(q, image, grid, layout, frames)
+    tokens = 2 if layout == "bhld" else 1  # the token axis of q and pe
     batch_fits = pe.dim() == 6 and pe.shape[0] in (1, q.shape[0])
-    if not batch_fits or pe.shape[-2:] != (2, 2) or pe.shape[2] != q.shape[2] or 2 * pe.shape[3] != q.shape[3]:
+    if (
+        not batch_fits
+        or pe.shape[-2:] != (2, 2)
+        or pe.shape[tokens] != q.shape[tokens]
+        or 2 * pe.shape[3] != q.shape[3]
+    ):
         raise ValueError(f"rotations of shape {tuple(pe.shape)} do not fit queries of shape {tuple(q.shape)}")
-    index = _index("bhld", rows, image)
+    index = _index(layout, rows, image)
     part = q[index]
-    freqs = pe[index] if pe.shape[0] == q.shape[0] else pe[:, :, image]
+    freqs = pe[index] if pe.shape[0] == q.shape[0] else pe[(slice(None),) * tokens + (image,)]
     work = _work_dtype(q, pe)
     freqs = freqs.to(work)
-    blurred = _blur_tokens(_rotate(part.to(work), freqs), grid, sigma, "bhld")
+    blurred = _blur_tokens(_rotate(part.to(work), freqs), grid, sigma, layout, frames)
     out = q.clone()
     out[index] = _rotate(blurred, freqs.transpose(-1, -2)).to(q.dtype)
     return out

@@ -42,21 +42,31 @@ class DenoiserClock:
             return True
         return seg.in_window(sampling_progress(self.denoiser, transformer_options, sigma))
 
+    def advance(self) -> None:
+        """The host counts its own steps."""
 
-@dataclass(frozen=True)
+
+@dataclass
 class SigmaClock:
-    """ComfyUI: no step counter reaches a model patch, so a step is its noise level (every model call of one
-    denoiser evaluation shares it), and the window is a sigma range, ``sigma_end <= sigma <= sigma_start``, from
-    the model's ``percent_to_sigma`` as ComfyUI's own guidance nodes convert their start/end percent."""
+    """ComfyUI: no step counter reaches a model patch.  A step is one denoiser evaluation: SEG's post-CFG function
+    runs once at its end (:meth:`advance`), and every model call of the evaluation shares its noise level, so
+    ``(evaluations so far, sigma)`` tells the evaluation's first call (the main one) from a later call at the same
+    sigma (another node's extra pass) and from the next evaluation, even at an equal sigma.  The window is a sigma
+    range, ``sigma_end <= sigma <= sigma_start``, from the model's ``percent_to_sigma`` as ComfyUI's own guidance
+    nodes convert their start/end percent."""
 
     sigma_start: float
     sigma_end: float
+    evaluations: int = 0
 
-    def step(self, sigma: torch.Tensor) -> float:
-        return float(sigma.flatten()[0])
+    def step(self, sigma: torch.Tensor) -> tuple[int, float]:
+        return self.evaluations, float(sigma.flatten()[0])
 
     def in_window(self, _seg: SegStep, _transformer_options: Mapping, sigma: torch.Tensor) -> bool:
         return self.sigma_end <= float(sigma.flatten()[0]) <= self.sigma_start
+
+    def advance(self) -> None:
+        self.evaluations += 1
 
 
 @dataclass
@@ -115,6 +125,12 @@ class SegPass:
         return forge_rows.batched_call(args)
 
     def post_cfg(self, args: dict) -> torch.Tensor:
+        try:
+            return self._post_cfg(args)
+        finally:
+            self.clock.advance()
+
+    def _post_cfg(self, args: dict) -> torch.Tensor:
         denoised, options = args["denoised"], args["model_options"]
         kept, self.kept = self.kept, None
         if not self.in_window(options.get("transformer_options") or {}, args["sigma"]):

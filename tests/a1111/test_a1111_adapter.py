@@ -247,13 +247,34 @@ def test_attach_is_idempotent_and_detach_restores(sd1):
     a1111.detach(None)
 
 
-def test_callback_ignores_foreign_denoisers():
-    """Another script's denoiser (no SEG run attached) passes through the global callback untouched: no
-    rows added, nothing attached; params without a denoiser do not fail."""
-    x = torch.zeros(2, 4, 8, 8)
-    params = SimpleNamespace(denoiser=SimpleNamespace(), x=x, text_cond=torch.zeros(1, 77, 8))
-    a1111.on_cfg_denoiser(params)
-    assert params.x is x and vars(params.denoiser) == {}
+def test_callback_ignores_foreign_denoisers(sd1):
+    """Another script's denoiser (no SEG run attached to it), while a batched SEG run is attached to this pass's
+    own denoiser, passes through the global callback untouched: every field of its params keeps its object (no
+    rows added), nothing is attached to it or wrapped, and its UNet calls and output are those of a denoiser
+    without the callback.  Params without a denoiser do not fail."""
+    inputs = make_inputs(sd1.model.diffusion_model.config)
+    ours = CFGDenoiser(sd1, callbacks=[a1111.on_cfg_denoiser])
+    run_ = a1111.SegRun(SegParams(enabled=True, layers="m0"), batch_rows=True)
+    a1111.attach(ours, run_)
+    fields = []
+    record = lambda params: fields.append(dict(vars(params)))  # noqa: E731 (what the host reads back)
+    foreign = CFGDenoiser(sd1, callbacks=[record, a1111.on_cfg_denoiser, record])
+    rows, unet = [], sd1.model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            out = foreign(**inputs)
+            plain_rows, rows[:] = list(rows), []
+            plain = CFGDenoiser(sd1)(**inputs)
+    finally:
+        handle.remove()
+    before, after = fields
+    assert all(after[name] is value for name, value in before.items()), "the callback replaced a field"
+    assert plain_rows == rows == [4]  # cond and uncond of two images: no SEG rows
+    assert torch.equal(out, plain)
+    assert not hasattr(foreign, a1111.RUN_ATTR) and not hasattr(foreign.combine_denoised, a1111.WRAPPED_ATTR)
+    assert getattr(ours, a1111.RUN_ATTR) is run_ and run_.captured is None  # this pass's run saw nothing
+    assert not has_hooks(unet)
     a1111.on_cfg_denoiser(SimpleNamespace())
 
 

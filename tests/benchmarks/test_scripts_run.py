@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.scripts import markdown_tables, run_script
+from tests.support.scripts import markdown_tables, run_module
 
 # Loose on purpose: batched and separate SEG differ by the host's batch-shape rounding noise, a small
 # fraction of the SEG effect in float32 (about 1e-4 here); a broken batched path is off by the whole
@@ -52,7 +52,7 @@ def _seg_step_checks(rows: list[list[str]], expected: set[tuple[str, str, str]])
 
 def test_seg_step_tiny(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
-    run = run_script("benchmarks/seg_step.py", "--tiny", "--out", str(out)).check()
+    run = run_module("benchmarks.seg_step", "--tiny", "--out", str(out)).check()
     rows = _table(out)
     expected = set(itertools.product(("tiny-sd1", "tiny-sdxl"), ("middle", "all"), ("inf", "10")))
     _seg_step_checks(rows, expected)
@@ -63,13 +63,13 @@ def test_seg_step_tiny(tmp_path: Path) -> None:
 def test_seg_step_finite_sigma_only(tmp_path: Path) -> None:
     """Issue 14's command (``--sigmas 10``: only the finite-sigma path, blur_ms included), on the CPU."""
     out = tmp_path / "table.md"
-    run_script("benchmarks/seg_step.py", "--tiny", "--sigmas", "10", "--layers", "middle", "--out", str(out)).check()
+    run_module("benchmarks.seg_step", "--tiny", "--sigmas", "10", "--layers", "middle", "--out", str(out)).check()
     _seg_step_checks(_table(out), {("tiny-sd1", "middle", "10"), ("tiny-sdxl", "middle", "10")})
 
 
 def test_forge_step_tiny(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
-    run = run_script("benchmarks/forge_step.py", "--tiny", "--out", str(out)).check()
+    run = run_module("benchmarks.forge_step", "--tiny", "--out", str(out)).check()
     rows = _table(out)
     expected = set(itertools.product(("tiny-sd1", "tiny-sdxl"), ("middle", "all"), ("inf", "10")))
     assert {(r[0], r[3], r[4]) for r in rows} == expected and len(rows) == len(expected)
@@ -83,7 +83,7 @@ def test_forge_step_tiny(tmp_path: Path) -> None:
 
 
 def test_gpu_equivalence_tiny() -> None:
-    run = run_script("benchmarks/gpu_equivalence.py", "--tiny").check()
+    run = run_module("benchmarks.gpu_equivalence", "--tiny").check()
     tables = markdown_tables(run.stdout)
     assert len(tables) == 2, run.stdout  # the A1111 adapter, then the Forge-family adapter
     expected = set(itertools.product(("tiny-sdxl", "tiny-sd1"), ("float32", "bfloat16"), ("middle", "all")))
@@ -98,7 +98,7 @@ def test_gpu_equivalence_tiny() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: the dtype of the GPU run
 def test_blur_speed_tiny(dtype: str) -> None:
-    run = run_script("benchmarks/blur_speed.py", "--tiny", "--dtype", dtype).check()
+    run = run_module("benchmarks.blur_speed", "--tiny", "--dtype", dtype).check()
     assert f"dtype={dtype}" in run.stdout
     rows = re.findall(r"^\s*(\d+)x(\d+)\s+(.*)rel\.err (\S+)$", run.stdout, re.MULTILINE)
     assert [(h, w) for h, w, _, _ in rows] == [("8", "8"), ("13", "13")], run.stdout
@@ -111,7 +111,7 @@ def test_blur_speed_tiny(dtype: str) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the dtype of the GPU run
 def test_dit_step_tiny(tmp_path: Path, dtype: str) -> None:
     out = tmp_path / "table.md"
-    run = run_script("benchmarks/dit_step.py", "--tiny", "--dtype", dtype, "--out", str(out)).check()
+    run = run_module("benchmarks.dit_step", "--tiny", "--dtype", dtype, "--out", str(out)).check()
     rows = _table(out)
     cases = [("flux (tiny)", "1", "1", "inf"), ("flux (tiny)", "2", "4", "10")]
     cases += [("sd35m (tiny)", "1", "4", "inf"), ("sd35m (tiny)", "2", "1", "10"), ("klein4b (tiny)", "1", "1", "inf")]

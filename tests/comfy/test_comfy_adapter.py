@@ -140,15 +140,7 @@ def test_unet_seg_equals_the_to_q_hook_reference(sd1, cfg, batch_rows):
 
 def test_out_of_memory_in_the_batched_call_falls_back_to_the_separate_call(sd1, monkeypatch, caplog):
     model = seg_node(patcher(sd1))
-    apply_model = host.BaseModel.apply_model
-
-    def small_card(self, x, *args, **kwargs):
-        if x.shape[0] > 4:
-            self.rows.append(x.shape[0])
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return apply_model(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(host.BaseModel, "apply_model", small_card)
+    host.small_card(monkeypatch, max_rows=4)
     out = sample(model, unet_inputs())
     assert model.model.rows == [6, 4, 2, 4, 2, 4, 2]  # one failed try, then main + SEG calls for the pass
     assert_all_close(out, unet_reference(sd1, unet_inputs(), "d1,m0", 2.0))

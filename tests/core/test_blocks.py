@@ -3,19 +3,18 @@
 import pytest
 
 from lib_seg.core.blocks import (
-    MODEL_BLOCKS,
     DitLayer,
     canonical_spec,
     check_spec_syntax,
-    default_layer_spec,
     default_layers,
-    family_layers,
     format_layers,
     model_layers,
     resolve_layers,
 )
 
-FLUX, SD35M, SD35L = family_layers("flux"), family_layers("sd3.5-medium"), family_layers("sd3.5-large")
+# Flux.1's, SD3.5 Medium's and SD3.5 Large's blocks (the released models' are the families' facts,
+# tests/dit/test_released.py)
+FLUX, SD35M, SD35L = model_layers(double=19, single=38), model_layers(joint=24), model_layers(joint=38)
 
 
 def d(*indices):
@@ -30,15 +29,12 @@ def j(*indices):
     return tuple(DitLayer("joint", i) for i in indices)
 
 
-def test_model_layers_and_families():
+def test_model_layers():
     assert FLUX == d(*range(19)) + s(*range(38))
-    assert family_layers("chroma") == FLUX
-    assert SD35M == j(*range(24)) and family_layers("sd3") == SD35M and SD35L == j(*range(38))
+    assert SD35M == j(*range(24)) and SD35L == j(*range(38))
     assert model_layers(double=2, joint=1) == (*d(0, 1), *j(0))
     with pytest.raises(ValueError, match="single block count"):
         model_layers(single=-1)
-    with pytest.raises(ValueError, match="unknown DiT family 'sdxl'"):
-        family_layers("sdxl")
 
 
 def test_presets():
@@ -108,39 +104,6 @@ def test_canonical_spec():
     assert canonical_spec("d9,d8,d7, s7-9", FLUX) == "d7-9,s7-9"
     with pytest.raises(ValueError, match="does not have"):
         canonical_spec("joint", FLUX)
-
-
-MIDDLE_OF_RELEASED = {
-    **{"z-image-turbo": "l15", "neta-lumina": "l13", "krea-2": "s14", "ernie-image": "l18", "pid": "j7"},
-    **{"qwen-image": "j30", "wan2.2-a14b": "b20", "wan2.2-ti2v-5b": "b15", "anima": "b14"},
-    **{"anima-2.9b": "b20", "anima-3.8b": "b26", "qwen-image-2.1": "s16"},
-}
-
-
-@pytest.mark.parametrize("family", list(MODEL_BLOCKS))
-def test_defaults_resolve_on_their_family(family):
-    layers = resolve_layers(default_layer_spec(family), family_layers(family))
-    if family in ("flux", "chroma"):
-        assert layers == (*d(7, 8, 9), *s(7, 8, 9))  # ComfyUI SkipLayerGuidanceDiT default
-    elif family == "flux2-klein-4b":  # 5 + 20 blocks, nothing published: the middle of each stream
-        assert layers == (*d(2), *s(10))
-    elif family == "flux2-klein-9b":  # 8 + 24 blocks
-        assert layers == (*d(4), *s(12))
-    elif family in MIDDLE_OF_RELEASED:  # nothing published: the middle block (PiD: the middle patch block)
-        assert format_layers(layers) == MIDDLE_OF_RELEASED[family]
-    else:
-        assert layers == j(7, 8, 9)  # Stability's SD3.5-M skip-layer guidance layers
-    with pytest.raises(ValueError, match="unknown DiT family"):
-        default_layer_spec("sd1")
-
-
-@pytest.mark.parametrize("word", ["middle", "mid", "MIDDLE"])
-def test_the_default_preset_selects_the_released_models_defaults(word):
-    flux, sd35 = default_layer_spec("flux"), default_layer_spec("sd3.5-medium")
-    assert format_layers(resolve_layers(word, FLUX, flux)) == "d7-9,s7-9"
-    assert format_layers(resolve_layers(word, SD35M, sd35)) == "j7-9"
-    assert canonical_spec(word, FLUX, flux) == "d7-9,s7-9"  # infotext names the blocks, not the UNet word
-    assert format_layers(resolve_layers(word, FLUX)) == "d9,s19"  # no family default given: the middle
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,17 @@ class Api:
 
 
 TITLE = "Smoothed Energy Guidance"
+BASE = {  # the txt2img request the test modules vary (``BASE`` of each module: the baseline fixtures' request)
+    "prompt": "a red house by a lake",
+    "negative_prompt": "blurry",
+    "steps": 3,
+    "cfg_scale": 7,
+    "sampler_name": "Euler",
+    "seed": 1234,
+    "width": 128,
+    "height": 128,
+    "batch_size": 1,
+}
 
 
 def pixels(image_b64: str):

@@ -11,17 +11,7 @@ from PIL import Image, ImageChops
 from . import conftest
 from .conftest import TITLE, mean_difference, pixels, same
 
-BASE = {
-    "prompt": "a red house by a lake",
-    "negative_prompt": "blurry",
-    "steps": 3,
-    "cfg_scale": 7,
-    "sampler_name": "Euler",
-    "seed": 1234,
-    "width": 128,
-    "height": 128,
-    "batch_size": 1,
-}
+BASE = conftest.BASE
 
 
 def txt2img(api, args=None, **changes):

@@ -19,41 +19,12 @@ from lib_seg.forge import host as forge_host
 from tests.core.test_blur import blur_bound, reference_blur
 from tests.support import forge_host as host
 from tests.support import slow_seg
+from tests.support.forge_host import make_inputs
 from tests.support.tolerance import assert_network_close, assert_within
-from tests.support.unet import TINY_SD1, TINY_SDXL, UNetConfig, attention, build_unet
+from tests.support.unet import TINY_SD1, UNetConfig, attention, build_unet
 
 KINDS = host.KINDS
 F64 = torch.float64
-
-
-# float64 throughout: the adapter is compared with the slow path to float64 rounding
-# (tests/support/tolerance.py), which no CPU's summation order can upset.
-@pytest.fixture(scope="module")
-def sd1():
-    return build_unet(TINY_SD1, seed=1, dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_unet(TINY_SDXL, seed=2, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def make_inputs(config, images=2, height=13, width=9, tokens=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def entry():
-        model_conds = {"c_crossattn": torch.randn(images, tokens, config.context_dim, generator=g, dtype=F64)}
-        if config.adm_in_channels:
-            model_conds["y"] = torch.randn(images, config.adm_in_channels, generator=g, dtype=F64)
-        return {"model_conds": model_conds, "strength": 1.0}
-
-    return torch.randn(images, 4, height, width, generator=g, dtype=F64), [entry()], [entry()]
 
 
 def schedule(steps):

@@ -19,25 +19,13 @@ from lib_seg.core.layers import resolve_layers
 from lib_seg.core.params import SegParams
 from lib_seg.forge import adapter as forge
 from lib_seg.forge.patches import BLOCK_GRID
-from tests.forge.test_forge_adapter import make_inputs
 from tests.support import forge_host as host
 from tests.support import slow_seg
 from tests.support.tolerance import assert_network_close, max_abs
-from tests.support.unet import TINY_SD1, TINY_SDXL, SpatialTransformer, build_unet
+from tests.support.unet import TINY_SDXL, SpatialTransformer, build_unet
 
 F64 = torch.float64
 SHRUNK_BLOCK = 1  # the output of input block 1 (after the first attention level) is shrunk
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return build_unet(TINY_SD1, seed=1, dtype=F64)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 SIGMAS = torch.tensor([2.5, 0.0], dtype=F64)
@@ -81,7 +69,7 @@ def test_every_blurred_layer_gets_its_true_grid(sd1, monkeypatch, caplog, kind, 
     seen, handles = spatial_transformer_grids(sd1)
     try:
         with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
-            sample(p, make_inputs(sd1.config, height=height, width=width))
+            sample(p, host.make_inputs(sd1.config, height=height, width=width))
     finally:
         for handle in handles:
             handle.remove()
@@ -111,7 +99,7 @@ def slow_expected(unet, patcher, inputs, baseline, spec, sigma, scale, sigma_t=2
 def test_deep_shrink_with_finite_sigma_matches_the_slow_path(sd1, monkeypatch, kind, batch_rows, model):
     host.install(monkeypatch, kind)
     unet = sd1 if model == "sd1" else build_unet(TINY_SDXL, seed=2, dtype=F64)
-    inputs = make_inputs(unet.config, height=13, width=9)
+    inputs = host.make_inputs(unet.config, height=13, width=9)
     (baseline,) = sample(shrunk_processing(kind, unet, 2.0), inputs)
     p = shrunk_processing(kind, unet, 2.0)
     shrunk_patcher = p.sd_model.forge_objects.unet

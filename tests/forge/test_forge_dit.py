@@ -36,12 +36,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
 @pytest.fixture(scope="module")
 def models():
     return {name: randomize(build(), seed=4).to(F64).eval() for name, build in MODELS.items()}

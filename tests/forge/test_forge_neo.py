@@ -25,7 +25,7 @@ from lib_seg.forge import host as forge_host
 from tests.support import forge_host as host
 from tests.support import slow_seg
 from tests.support.tolerance import assert_network_close
-from tests.support.unet import TINY_SDXL, build_unet
+from tests.support.unet import TINY_SDXL
 
 F64 = torch.float64
 PREDICTIONS = {  # prediction type -> the step's sigma (flow sigmas lie in (0, 1))
@@ -36,26 +36,8 @@ PREDICTIONS = {  # prediction type -> the step's sigma (flow sigmas lie in (0, 1
 }
 
 
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_unet(TINY_SDXL, seed=2, dtype=F64)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
 def _inputs(config, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def entry():
-        conds = {"c_crossattn": torch.randn(2, 5, config.context_dim, generator=g, dtype=F64)}
-        conds["y"] = torch.randn(2, config.adm_in_channels, generator=g, dtype=F64)
-        return {"model_conds": conds, "strength": 1.0}
-
-    return torch.randn(2, 4, 11, 9, generator=g, dtype=F64), [entry()], [entry()]
+    return host.make_inputs(config, height=11, width=9, seed=seed)
 
 
 def _model(unet, prediction: str) -> host.NeoKModel:

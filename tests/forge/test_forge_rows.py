@@ -16,36 +16,11 @@ from lib_seg.forge import adapter as forge
 from lib_seg.forge import host as forge_host
 from lib_seg.forge import rows as forge_rows
 from tests.support import forge_host as host
+from tests.support.forge_host import make_inputs
 from tests.support.tolerance import assert_network_close
-from tests.support.unet import TINY_SD1, TINY_SDXL, build_unet
+from tests.support.unet import TINY_SD1, build_unet
 
 KINDS = host.KINDS
-
-
-@pytest.fixture(scope="module")
-def sd1_f64():
-    return build_unet(TINY_SD1, seed=1, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def make_inputs(config, images=2, height=13, width=9, entries=1, strengths=(1.0,), seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def entry(strength):
-        conds = {"c_crossattn": torch.randn(images, 5, config.context_dim, generator=g, dtype=torch.float64)}
-        if config.adm_in_channels:
-            conds["y"] = torch.randn(images, config.adm_in_channels, generator=g, dtype=torch.float64)
-        return {"model_conds": conds, "strength": strength}
-
-    x = torch.randn(images, 4, height, width, generator=g, dtype=torch.float64)
-    return x, [entry(strengths[i % len(strengths)]) for i in range(entries)], [entry(1.0)]
-
-
 SIGMAS = torch.tensor([6.0, 2.5, 0.0], dtype=torch.float64)
 
 
@@ -72,11 +47,11 @@ def assert_same(batched, separate):
 
 @pytest.mark.parametrize("cond_scale", [7.0, 1.0])
 @pytest.mark.parametrize("kind", KINDS)
-def test_batched_equals_separate_in_one_call_per_step(sd1_f64, monkeypatch, kind, cond_scale):
+def test_batched_equals_separate_in_one_call_per_step(sd1, monkeypatch, kind, cond_scale):
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
-    separate, separate_rows = run(kind, sd1_f64, inputs, False, cond_scale=cond_scale)
-    batched, batched_rows = run(kind, sd1_f64, inputs, True, cond_scale=cond_scale)
+    inputs = make_inputs(sd1.config)
+    separate, separate_rows = run(kind, sd1, inputs, False, cond_scale=cond_scale)
+    batched, batched_rows = run(kind, sd1, inputs, True, cond_scale=cond_scale)
     assert_same(batched, separate)
     main = 4 if cond_scale != 1.0 else 2
     assert separate_rows == [main, 2] * 2  # main call, then the cond-only SEG call
@@ -84,9 +59,8 @@ def test_batched_equals_separate_in_one_call_per_step(sd1_f64, monkeypatch, kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_and_prompts_with_strengths_and_sdxl_conds(monkeypatch, kind):
+def test_and_prompts_with_strengths_and_sdxl_conds(sdxl, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    sdxl = build_unet(TINY_SDXL, seed=2, dtype=torch.float64)
     inputs = make_inputs(sdxl.config, entries=2, strengths=(0.7, 1.3), height=7, width=15)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="d3,m0")
     separate, _ = run(kind, sdxl, inputs, False, params=params)
@@ -96,58 +70,58 @@ def test_and_prompts_with_strengths_and_sdxl_conds(monkeypatch, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_area_conds_in_separate_calls_fall_back_exactly(sd1_f64, monkeypatch, kind):
+def test_area_conds_in_separate_calls_fall_back_exactly(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    x, cond, uncond = make_inputs(sd1_f64.config, entries=2)
+    x, cond, uncond = make_inputs(sd1.config, entries=2)
     cond[1]["area"] = (8, 6, 2, 1)  # a regional prompt: its own call (different crop size)
-    separate, _ = run(kind, sd1_f64, (x, cond, uncond), False)
-    batched, rows = run(kind, sd1_f64, (x, cond, uncond), True)
+    separate, _ = run(kind, sd1, (x, cond, uncond), False)
+    batched, rows = run(kind, sd1, (x, cond, uncond), True)
     assert_same(batched, separate)
     # step 1: the first call got SEG rows, the replay was refused, the separate pass made; step 2: no rows
     assert rows == [6, 2, 2, 2, 4, 2, 2, 2]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_memory_estimate_refuses_the_larger_call(sd1_f64, monkeypatch, kind):
+def test_memory_estimate_refuses_the_larger_call(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     margin = 1.5 if kind == "reforge" else 1.0
     monkeypatch.setattr(host.get_free_memory, "free", int(4 * 2**20 * margin) + 1)  # 4 rows fit, 6 do not
-    separate, separate_rows = run(kind, sd1_f64, inputs, False)
-    batched, batched_rows = run(kind, sd1_f64, inputs, True)
+    separate, separate_rows = run(kind, sd1, inputs, False)
+    batched, batched_rows = run(kind, sd1, inputs, True)
     assert batched_rows == separate_rows == [4, 2] * 2
     assert_same(batched, separate)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_host_split_main_call_falls_back(sd1_f64, monkeypatch, kind):
+def test_host_split_main_call_falls_back(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     margin = 1.5 if kind == "reforge" else 1.0
     monkeypatch.setattr(host.get_free_memory, "free", int(2 * 2**20 * margin) + 1)  # one chunk per call
-    separate, separate_rows = run(kind, sd1_f64, inputs, False)
-    batched, batched_rows = run(kind, sd1_f64, inputs, True)
+    separate, separate_rows = run(kind, sd1, inputs, False)
+    batched, batched_rows = run(kind, sd1, inputs, True)
     assert separate_rows == batched_rows == [2, 2, 2] * 2  # uncond, cond, SEG: nothing added
     assert_same(batched, separate)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_controlnet_rows_are_copied_and_not_recomputed(sd1_f64, monkeypatch, kind):
+def test_controlnet_rows_are_copied_and_not_recomputed(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    x, cond, uncond = make_inputs(sd1_f64.config)
-    control = host.Control(sd1_f64.config.model_channels * sd1_f64.config.channel_mult[-1])
+    x, cond, uncond = make_inputs(sd1.config)
+    control = host.Control(sd1.config.model_channels * sd1.config.channel_mult[-1])
     for entry in cond + uncond:
         entry["control"] = control
-    separate, _ = run(kind, sd1_f64, (x, cond, uncond), False)
+    separate, _ = run(kind, sd1, (x, cond, uncond), False)
     separate_calls, control.calls = control.calls, []
-    batched, rows = run(kind, sd1_f64, (x, cond, uncond), True)
+    batched, rows = run(kind, sd1, (x, cond, uncond), True)
     assert_same(batched, separate)
     assert separate_calls == [4, 2] * 2 and control.calls == [4] * 2  # the replay runs no ControlNet
     assert rows == [6] * 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_another_extensions_passes_are_never_batched(sd1_f64, monkeypatch, kind):
+def test_another_extensions_passes_are_never_batched(sd1, monkeypatch, kind):
     """A PAG-like post-CFG function making its own cond pass, before and after SEG's."""
     modules = host.install(monkeypatch, kind)
 
@@ -161,16 +135,16 @@ def test_another_extensions_passes_are_never_batched(sd1_f64, monkeypatch, kind)
             cond_pred = calc(args["model"], args["cond"], None, args["input"], args["sigma"], args["model_options"])[0]
         return args["denoised"] + 0.5 * (args["cond_denoised"] - cond_pred)
 
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     for where in ("before", "after"):
-        separate, _ = run(kind, sd1_f64, inputs, False, **{where: extra_pass})
-        batched, rows = run(kind, sd1_f64, inputs, True, **{where: extra_pass})
+        separate, _ = run(kind, sd1, inputs, False, **{where: extra_pass})
+        batched, rows = run(kind, sd1, inputs, True, **{where: extra_pass})
         assert_same(batched, separate)
         assert rows == [6, 2] * 2  # main call with the SEG rows, the other pass as it was
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_existing_model_function_wrapper_is_kept(sd1_f64, monkeypatch, kind):
+def test_an_existing_model_function_wrapper_is_kept(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
     seen = []
 
@@ -178,25 +152,25 @@ def test_an_existing_model_function_wrapper_is_kept(sd1_f64, monkeypatch, kind):
         seen.append(args["input"].shape[0])
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    p = host.make_processing(kind, sd1_f64)
+    p = host.make_processing(kind, sd1)
     p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(theirs)
     forge.patch_unet(p, SegParams(enabled=True, blur_sigma=2.0), batch_rows=True)
     assert p.sd_model.forge_objects.unet.model_options["model_function_wrapper"] is theirs
-    x, cond, uncond = make_inputs(sd1_f64.config)
+    x, cond, uncond = make_inputs(sd1.config)
     p.sampler.sample(x, SIGMAS, cond, uncond, 7.0)
     assert seen == [4, 2] * 2  # separate pass through their wrapper, no SEG rows
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_rows_outside_the_window_and_reinstall_replaces_the_wrapper(sd1_f64, monkeypatch, kind):
+def test_no_rows_outside_the_window_and_reinstall_replaces_the_wrapper(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     params = SegParams(enabled=True, blur_sigma=2.0, start=0.5, end=1.0)
-    plain, _ = run(kind, sd1_f64, inputs, True, params=SegParams(enabled=False))
-    outs, rows = run(kind, sd1_f64, inputs, True, params=params)
+    plain, _ = run(kind, sd1, inputs, True, params=SegParams(enabled=False))
+    outs, rows = run(kind, sd1, inputs, True, params=params)
     assert rows == [4, 6]  # step 0 is outside the window
     assert torch.equal(outs[0], plain[0]) and not torch.equal(outs[1], plain[1])
-    p = host.make_processing(kind, sd1_f64)
+    p = host.make_processing(kind, sd1)
     forge.patch_unet(p, params)
     forge.patch_unet(p, params)  # hires: the hook runs twice on the same patcher
     options = p.sd_model.forge_objects.unet.model_options
@@ -240,7 +214,7 @@ def test_batched_call_appends_one_copy_per_cond_chunk():
     assert args["c"]["transformer_options"] == before  # the host's dict is not touched
 
 
-def test_the_patched_unet_blurs_the_seg_rows_of_a_call_by_attn1_patches(sd1_f64):
+def test_the_patched_unet_blurs_the_seg_rows_of_a_call_by_attn1_patches(sd1):
     """The Forge UNet target puts one attn1 patch per chosen layer and the SEG rows into a copy of the
     call's options; an attn1 replace already there for the key is wrapped, not dropped."""
     from lib_seg.core.layers import LayerKey
@@ -249,7 +223,7 @@ def test_the_patched_unet_blurs_the_seg_rows_of_a_call_by_attn1_patches(sd1_f64)
     other = {("output", 3, 0): print}
     options = {"patches_replace": {"attn1": dict(other)}, "cond_or_uncond": [1, 0]}
     keys = (LayerKey("middle", 0, 0), LayerKey("output", 3, 0))
-    with PatchedUnet(sd1_f64, "forge").blurring(keys, 2.0, slice(6, 10), None, options) as seg_options:
+    with PatchedUnet(sd1, "forge").blurring(keys, 2.0, slice(6, 10), None, options) as seg_options:
         assert seg_options[forge_rows.SEG_ROWS] == (6, 10)
         assert set(seg_options["patches_replace"]["attn1"]) == {tuple(k) for k in keys}
         assert seg_options["patches_replace"]["attn1"][("output", 3, 0)] is not print
@@ -316,25 +290,25 @@ def batched_with_first_layer_rows(kind, unet, inputs, params):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefix_before_the_first_blurred_block_is_computed_once(sd1_f64, monkeypatch, kind):
+def test_prefix_before_the_first_blurred_block_is_computed_once(sd1, monkeypatch, kind):
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
-    separate, _ = run(kind, sd1_f64, inputs, False, params=params)
-    batched, rows, seen = batched_with_first_layer_rows(kind, sd1_f64, inputs, params)
+    separate, _ = run(kind, sd1, inputs, False, params=params)
+    batched, rows, seen = batched_with_first_layer_rows(kind, sd1, inputs, params)
     assert rows == [6, 6] and seen == [4, 4]  # the down path ran without the SEG rows
     assert_same(batched, separate)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in sd1_f64.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in sd1.modules())
 
 
 @pytest.mark.parametrize("blocker", ["inner_modifier", "patched_forward"])
-def test_prefix_reuse_falls_back_to_full_rows(sd1_f64, monkeypatch, blocker):
+def test_prefix_reuse_falls_back_to_full_rows(sd1, monkeypatch, blocker):
     host.install(monkeypatch, "forge")
-    inputs = make_inputs(sd1_f64.config)
+    inputs = make_inputs(sd1.config)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
-    separate, _ = run("forge", sd1_f64, inputs, False, params=params)
+    separate, _ = run("forge", sd1, inputs, False, params=params)
     if blocker == "patched_forward":  # another extension wrapped the UNet's forward on the instance
-        monkeypatch.setattr(sd1_f64, "forward", sd1_f64.forward)
+        monkeypatch.setattr(sd1, "forward", sd1.forward)
     else:  # new Forge's block_inner_modifiers see every row of every layer
         patch_unet = forge.patch_unet
 
@@ -343,38 +317,30 @@ def test_prefix_reuse_falls_back_to_full_rows(sd1_f64, monkeypatch, blocker):
             return patch_unet(p, *args, **kwargs)
 
         monkeypatch.setattr(forge, "patch_unet", with_modifier)
-    batched, rows, seen = batched_with_first_layer_rows("forge", sd1_f64, inputs, params)
+    batched, rows, seen = batched_with_first_layer_rows("forge", sd1, inputs, params)
     assert rows == [6, 6] and seen == [6, 6]
     assert_same(batched, separate)
 
 
-def test_no_prefix_reuse_for_a_single_seg_row(sd1_f64, monkeypatch):
+def test_no_prefix_reuse_for_a_single_seg_row(sd1, monkeypatch):
     host.install(monkeypatch, "forge")
-    inputs = make_inputs(sd1_f64.config, images=1)
+    inputs = make_inputs(sd1.config, images=1)
     params = SegParams(enabled=True, blur_sigma=2.0, layers="m0")
-    separate, _ = run("forge", sd1_f64, inputs, False, params=params)
-    batched, rows, seen = batched_with_first_layer_rows("forge", sd1_f64, inputs, params)
+    separate, _ = run("forge", sd1, inputs, False, params=params)
+    batched, rows, seen = batched_with_first_layer_rows("forge", sd1, inputs, params)
     assert rows == [3, 3] and seen == [3, 3]
     assert_same(batched, separate)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_out_of_memory_in_the_batched_call_falls_back_for_the_pass(sd1_f64, monkeypatch, kind, caplog):
+def test_out_of_memory_in_the_batched_call_falls_back_for_the_pass(sd1, monkeypatch, kind, caplog):
     """The host's estimate said it fits, the card disagreed: that step and the rest of the pass go on
     with the separate SEG call, same result."""
     host.install(monkeypatch, kind)
-    inputs = make_inputs(sd1_f64.config)
-    separate, _ = run(kind, sd1_f64, inputs, False)
-    apply_model = host.BaseModel.apply_model
-
-    def small_card(self, x, *args, **kwargs):
-        if x.shape[0] > 4:
-            self.rows.append(x.shape[0])
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return apply_model(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(host.BaseModel, "apply_model", small_card)
-    batched, rows = run(kind, sd1_f64, inputs, True)
+    inputs = make_inputs(sd1.config)
+    separate, _ = run(kind, sd1, inputs, False)
+    host.small_card(monkeypatch, max_rows=4)
+    batched, rows = run(kind, sd1, inputs, True)
     assert rows == [6, 4, 2, 4, 2]  # the failed try once, then main and SEG calls
     assert_same(batched, separate)
     assert "out of memory with the SEG rows" in caplog.text

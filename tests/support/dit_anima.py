@@ -36,10 +36,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend, neo_attention
+from tests.support.dit_blocks import Hooks, attend, neo_attention, pad_to_patch
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -229,9 +228,7 @@ class TinyAnima(nn.Module):
         t, h, w = x.shape[2:]
         for ref in ref_latents or []:
             x = torch.cat([x, ref.to(x)], dim=2)
-        pad = (0, (-x.shape[4]) % self.patch_spatial, 0, (-x.shape[3]) % self.patch_spatial)
-        pad = (*pad, 0, (-x.shape[2]) % self.patch_temporal)
-        x = F.pad(x, pad, mode="circular") if any(pad) else x
+        x = pad_to_patch(x, (self.patch_temporal, self.patch_spatial, self.patch_spatial))
         mask = torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=x.dtype)
         tokens = self.x_embedder(torch.cat([x, mask], dim=1))  # (B, T, H, W, D)
         rope = self.pos_embedder(tokens, device=x.device)

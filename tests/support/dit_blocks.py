@@ -15,6 +15,9 @@ Written from the structure described in ``docs/dit.md`` (no host code copied):
   ``(B, L, heads, D)``, ``ln_q``/``ln_k`` (RMSNorm, or Identity as in A1111's SD3), reshape to
   ``(B, L, heads*D)``, concatenate context first; no RoPE.
 
+:class:`EmbedND`, :func:`patchify` / :func:`unpatchify`, :func:`pad_to_patch` and :func:`rope_rotations` are the
+token layout the tiny DiTs of tests/support share (each model file cites the host lines it follows).
+
 :func:`attention_function` is the hosts' attention seam (a module attribute with their signature, looked up at
 call time), which ``tools/dit_backend_smoke.py --host imitation`` swaps for its reference.
 
@@ -131,6 +134,59 @@ def rope_rotations(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 
         cos, sin = torch.cos(angle), torch.sin(angle)
         blocks.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))
     return torch.cat(blocks, dim=-3).unsqueeze(1)
+
+
+class EmbedND(nn.Module):
+    """Flux's ``EmbedND``, which the hosts' DiTs call as a module on their position ids (``pe_embedder``: Flux.2,
+    Qwen-Image, Qwen-Image 2.1, Krea 2; ``rope_embedder``: NextDiT, Wan): (B, L, axes) ids -> (B, 1, L, D/2, 2, 2)
+    2x2 maps, axis by axis.  ``maps``: :func:`rope_rotations` (Ernie-Image's ``pos_embed`` gives split-half maps
+    instead, tests/support/dit_ernie.py)."""
+
+    maps = staticmethod(rope_rotations)
+
+    def __init__(self, axes: tuple[int, ...], theta: float = 10000.0):
+        super().__init__()
+        self.axes, self.theta = tuple(axes), theta
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.maps(ids, self.axes, self.theta)
+
+
+def check_axes(axes: tuple[int, ...], hidden: int, heads: int) -> None:
+    """The RoPE axes must cover the head width ``hidden / heads`` (the hosts' ``axes_dim``)."""
+    if sum(axes) != hidden // heads:
+        raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+
+
+def patchify(x: torch.Tensor, patch: int, channels_last: bool = False) -> torch.Tensor:
+    """(B, C, h*p, w*p) -> (B, h*w, C*p*p), patches row-major.  Inside a patch channel-major, ``(c ph pw)`` as
+    Flux's ``rearrange`` has it (Flux.1/2, Qwen-Image, Krea 2), or ``(ph pw c)`` with ``channels_last``
+    (NextDiT, Neo's ``lumina.py:358-359``)."""
+    b, c, height, width = x.shape
+    order = (0, 2, 4, 3, 5, 1) if channels_last else (0, 2, 4, 1, 3, 5)
+    tokens = x.reshape(b, c, height // patch, patch, width // patch, patch).permute(*order)
+    return tokens.reshape(b, (height // patch) * (width // patch), c * patch * patch)
+
+
+def unpatchify(
+    tokens: torch.Tensor, channels: int, h_len: int, w_len: int, patch: int, channels_last: bool = False
+) -> torch.Tensor:
+    """The inverse of :func:`patchify`: (B, h*w, C*p*p) -> (B, C, h*p, w*p)."""
+    b = tokens.shape[0]
+    if channels_last:
+        x = tokens.reshape(b, h_len, w_len, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    else:
+        x = tokens.reshape(b, h_len, w_len, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h_len * patch, w_len * patch)
+
+
+def pad_to_patch(x: torch.Tensor, patch: int | tuple[int, ...]) -> torch.Tensor:
+    """The hosts' ``pad_to_patch_size``: the sides after (B, C) padded circularly up to multiples of ``patch`` (an
+    int: the last two sides; a tuple: one per side, Wan's ``(1, 2, 2)`` over (T, H, W))."""
+    sides = x.shape[2:]
+    patches = (1,) * (len(sides) - 2) + (patch, patch) if isinstance(patch, int) else tuple(patch)
+    pad = [n for side, p in zip(reversed(sides), reversed(patches), strict=True) for n in (0, (-side) % p)]
+    return F.pad(x, pad, mode="circular") if any(pad) else x
 
 
 def rope_complex(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ Written from the structure of Neo 2.26 (exo101/sd-webui-forge-neo-v3 de2193d, ``
   then this module's global :func:`attention_function` called by name with (B, L, heads * D) tensors, as Neo
   calls ``backend.attention.attention_function`` (the seam SEG wraps).
 
-Each ``self_attention`` honours a ``hooks`` attribute (:class:`tests.support.dit_blocks.Hooks`): with ``logits``
-set it computes softmax(logits) explicitly, for the slow reference.  ``patch_attr`` (a lying ``patch_size``) and
-``transpose_ids`` (ids laid column-major) build the models whose grid SEG must refuse.
+Each ``self_attention`` hands its ``hooks`` (:class:`tests.support.dit_blocks.Hooks`) to that call: with ``logits``
+set it computes softmax(logits) explicitly, for the slow reference; ``seen`` records q, k, v as they entered.
+``patch_attr`` (a lying ``patch_size``) and ``transpose_ids`` (ids laid column-major) build the models whose grid
+SEG must refuse.
 """
 
 from __future__ import annotations
@@ -29,16 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support import dit_blocks
-from tests.support.dit_blocks import Hooks, RMSNorm, attend
+from tests.support.dit_blocks import EmbedND, Hooks, RMSNorm, attend, check_axes
 
 AXES = (4, 6, 6)  # head width 16 (hidden 32 / 2 heads); Ernie-Image: (32, 48, 48) of 128
 THETA = 256.0
 
 
-def attention_function(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, **kwargs):
-    """Neo's ``backend.attention.attention_function`` signature; calls the shared test kernel by attribute."""
-    return dit_blocks.attention_function(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
+def attention_function(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, hooks=None, **kwargs):
+    """Neo's ``backend.attention.attention_function`` signature; attends through
+    :func:`tests.support.dit_blocks.attend`, which calls the shared test kernel by attribute.  ``hooks`` is the
+    tests' own extra, as :func:`tests.support.dit_blocks.neo_attention` takes it (the slow reference's logit
+    hook and the q/k/v record, after SEG's wrapper of this module global)."""
+    if not skip_reshape:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return attend(q, k, v, hooks or Hooks(), mask).transpose(1, 2).flatten(2)
 
 
 def split_half_maps(ids: torch.Tensor, axes: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -75,12 +80,7 @@ class ErnieAttention(nn.Module):
         if image_rotary_emb is not None:
             q, k = apply_split_half(q, image_rotary_emb), apply_split_half(k, image_rotary_emb)
         q, k, v = q.flatten(2), k.flatten(2), self.to_v(x)
-        if self.hooks.logits is not None:  # the slow reference's explicit softmax(logits)
-            per_head = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-            out = attend(*per_head, self.hooks).transpose(1, 2).flatten(2)
-        else:
-            out = attention_function(q, k, v, self.heads, mask=attention_mask)
-        return self.to_out[0](out)
+        return self.to_out[0](attention_function(q, k, v, self.heads, mask=attention_mask, hooks=self.hooks))
 
 
 class ErnieBlock(nn.Module):
@@ -106,13 +106,10 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class PosEmbed(nn.Module):
-    def __init__(self, axes: tuple[int, ...], theta: float):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
+class PosEmbed(EmbedND):
+    """``pos_embed`` (``ErnieImageEmbedND3``): Flux's ``EmbedND`` with the split-half maps."""
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return split_half_maps(ids, self.axes, self.theta)
+    maps = staticmethod(split_half_maps)
 
 
 class TinyErnie(nn.Module):
@@ -129,8 +126,7 @@ class TinyErnie(nn.Module):
         transpose_ids: bool = False,
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.channels, self.hidden, self.transpose_ids = channels, hidden, transpose_ids
         self.patch_size = patch if patch_attr is None else patch_attr
         self.x_embedder = PatchEmbed(channels, hidden, patch)

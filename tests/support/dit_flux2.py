@@ -28,7 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, QKNorm, attend, rope_complex, rope_rotations
+from tests.support.dit_blocks import (
+    EmbedND,
+    Hooks,
+    QKNorm,
+    attend,
+    check_axes,
+    pad_to_patch,
+    patchify,
+    rope_complex,
+    unpatchify,
+)
 
 AXES2 = (4, 4, 4, 4)  # four RoPE axes summing to the head width (hidden 32 / 2 heads)
 THETA2 = 2000.0
@@ -125,35 +135,6 @@ class SingleStreamBlock2(nn.Module):
         return x + mod.gate * self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1))
 
 
-class EmbedND(nn.Module):
-    """``pe_embedder``: the rotations of every token, axis by axis (called as a module with the ids)."""
-
-    def __init__(self, axes: tuple[int, ...], theta: float):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes, self.theta)
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h*p, w*p) -> (B, h*w, C*p*p), channel-major inside a patch, patches row-major."""
-    b, c, height, width = x.shape
-    tokens = x.reshape(b, c, height // patch, patch, width // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return tokens.reshape(b, (height // patch) * (width // patch), c * patch * patch)
-
-
-def unpatchify(tokens: torch.Tensor, channels: int, h_len: int, w_len: int, patch: int) -> torch.Tensor:
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h_len, w_len, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, h_len * patch, w_len * patch)
-
-
-def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
-    pad_h, pad_w = (-x.shape[-2]) % patch, (-x.shape[-1]) % patch
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
-
-
 def image_ids(h_len: int, w_len: int, index: float, batch: int, device) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
     ids = torch.stack([torch.full_like(rows, 0) + index, rows, cols, torch.zeros_like(rows)], dim=-1)
@@ -187,8 +168,7 @@ class TinyFlux2(nn.Module):
         patch_attr: int | None = None,
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.channels, self.patch = channels, patch
         if expose_patch:
             self.patch_size = patch if patch_attr is None else patch_attr

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend, neo_attention, rope_complex, rope_rotations
+from tests.support import dit_blocks
+from tests.support.dit_blocks import EmbedND, Hooks, attend, pad_to_patch, patchify, rope_complex, unpatchify
 
-attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
+attention_function = dit_blocks.neo_attention  # Neo: ``from backend.attention import attention_function``
 
 
 class RMSNorm(nn.Module):
@@ -171,32 +172,10 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    b, c, height, width = x.shape
-    tokens = x.reshape(b, c, height // patch, patch, width // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return tokens.reshape(b, (height // patch) * (width // patch), c * patch * patch)
-
-
-def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
-    pad_h, pad_w = (-x.shape[-2]) % patch, (-x.shape[-1]) % patch
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
-
-
 def grid_ids(h_len: int, w_len: int, index: float, batch: int, device) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(h_len), torch.arange(w_len), indexing="ij")
     ids = torch.stack([torch.full_like(rows, 0) + index, rows, cols], dim=-1).reshape(1, -1, 3)
     return ids.double().expand(batch, -1, -1).to(device)
-
-
-class EmbedND(nn.Module):
-    """``pe_embedder``: ``(B, L, 3)`` ids -> ``(B, 1, L, D/2, 2, 2)`` rotations (Flux's ``EmbedND``)."""
-
-    def __init__(self, axes: tuple[int, ...], theta: float):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes, self.theta)
 
 
 class TinyKrea2(nn.Module):
@@ -250,8 +229,7 @@ class TinyKrea2(nn.Module):
         (h_len, w_len), p = grid, self.real_patch
         scale, shift = self.last_mod(t).chunk(2, dim=-1)
         out = self.last((1 + scale) * self.last_norm(combined) + shift)[:, start : start + h_len * w_len]
-        out = out.reshape(-1, h_len, w_len, self.channels, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(-1, self.channels, h_len * p, w_len * p)[..., : size[0], : size[1]]
+        return unpatchify(out, self.channels, h_len, w_len, p)[..., : size[0], : size[1]]
 
     def forward(self, x, timesteps, context, attention_mask=None, transformer_options=None, **kwargs):
         if self.layout == "2.29":

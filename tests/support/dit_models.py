@@ -24,10 +24,19 @@ defaults are tiny; the keyword arguments (``mlp_ratio``, ``context_dim``, ``vec_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import DoubleStreamBlock, JointBlock, SingleStreamBlock, rope_rotations, token_ids
+from tests.support.dit_blocks import (
+    DoubleStreamBlock,
+    JointBlock,
+    SingleStreamBlock,
+    check_axes,
+    pad_to_patch,
+    patchify,
+    rope_rotations,
+    token_ids,
+    unpatchify,
+)
 
 AXES = (4, 6, 6)  # RoPE axes: their sum is the head width (hidden 32 / 2 heads)
 
@@ -40,22 +49,6 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
             if not name.endswith("scale"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     return model
-
-
-def _patchify(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, 2h, 2w) -> (B, h*w, C*4), row-major over the patch grid."""
-    b, c, height, width = x.shape
-    return x.reshape(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
-
-
-def _unpatchify(tokens: torch.Tensor, channels: int, h_len: int, w_len: int) -> torch.Tensor:
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h_len, w_len, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, 2 * h_len, 2 * w_len)
-
-
-def _pad_even(x: torch.Tensor) -> torch.Tensor:
-    return F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="circular")
 
 
 class TinyFlux(nn.Module):
@@ -77,8 +70,7 @@ class TinyFlux(nn.Module):
         axes: tuple[int, ...] = AXES,
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.channels, self.axes = channels, tuple(axes)
         self.img_in = nn.Linear(4 * channels, hidden)
         self.txt_in = nn.Linear(context_dim, hidden)
@@ -90,12 +82,12 @@ class TinyFlux(nn.Module):
 
     def forward(self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs):
         height, width = x.shape[-2:]
-        x = _pad_even(x)
+        x = pad_to_patch(x, 2)
         h_len, w_len = x.shape[-2] // 2, x.shape[-1] // 2
-        img = self.img_in(_patchify(x))
+        img = self.img_in(patchify(x, 2))
         extra = 0
         if ref_latents is not None:  # reForge's Kontext: reference tokens after the image
-            ref = self.img_in(_patchify(_pad_even(ref_latents)))
+            ref = self.img_in(patchify(pad_to_patch(ref_latents, 2), 2))
             img, extra = torch.cat([img, ref], dim=1), ref.shape[1]
         txt = self.txt_in(context)
         vec = self.time_in(timestep[:, None].to(x.dtype)) + self.vector_in(y)
@@ -107,7 +99,7 @@ class TinyFlux(nn.Module):
         for block in self.single_blocks:
             joint = block(joint, vec=vec, pe=pe)
         img = joint[:, txt.shape[1] : txt.shape[1] + h_len * w_len]
-        return _unpatchify(self.final_layer(img), self.channels, h_len, w_len)[..., :height, :width]
+        return unpatchify(self.final_layer(img), self.channels, h_len, w_len, 2)[..., :height, :width]
 
 
 class TinyMMDiT(nn.Module):
@@ -144,7 +136,7 @@ class TinyMMDiT(nn.Module):
 
     def forward(self, x, t, y=None, context=None, **kwargs):
         height, width = x.shape[-2:]
-        x = _pad_even(x) if self.pad else x
+        x = pad_to_patch(x, 2) if self.pad else x
         grid = self.x_embedder(x)
         h_len, w_len = grid.shape[-2:]
         tokens = (grid + self.pos_embed[..., :h_len, :w_len]).flatten(2).transpose(1, 2)
@@ -152,5 +144,5 @@ class TinyMMDiT(nn.Module):
         context = self.context_embedder(context)
         for block in self.joint_blocks:
             context, tokens = block(context, tokens, c=c_mod)
-        out = _unpatchify(self.final_layer(tokens), self.channels, h_len, w_len)
+        out = unpatchify(self.final_layer(tokens), self.channels, h_len, w_len, 2)
         return out[..., :height, :width] if self.pad else out

@@ -49,7 +49,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend, neo_attention, rope_complex, rope_rotations
+from tests.support.dit_blocks import (
+    EmbedND,
+    Hooks,
+    attend,
+    check_axes,
+    neo_attention,
+    pad_to_patch,
+    patchify,
+    rope_complex,
+    unpatchify,
+)
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -132,30 +142,6 @@ class JointTransformerBlock(nn.Module):
         return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
 
 
-class EmbedND(nn.Module):
-    """``rope_embedder``: (B, L, 3) ids -> (B, 1, L, D/2, 2, 2) rotations, called as a module."""
-
-    def __init__(self, axes: tuple[int, ...], theta: float):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes, self.theta)
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h*p, w*p) -> (B, h*w, p*p*C): patches row-major, (row, column, channel) inside a patch."""
-    b, c, height, width = x.shape
-    tokens = x.reshape(b, c, height // patch, patch, width // patch, patch).permute(0, 2, 4, 3, 5, 1)
-    return tokens.reshape(b, (height // patch) * (width // patch), patch * patch * c)
-
-
-def unpatchify(tokens: torch.Tensor, channels: int, h_len: int, w_len: int, patch: int) -> torch.Tensor:
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h_len, w_len, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, h_len * patch, w_len * patch)
-
-
 def position_ids(n_cap: int, h_len: int, w_len: int, n_pad: int, batch: int, device) -> torch.Tensor:
     """Neo's ids of ``[caption | image | image pad]``: ``(i + 1, 0, 0)``, ``(n_cap + 1, r, c)``, zeros."""
     caption = torch.zeros(n_cap, 3, dtype=torch.float64)
@@ -195,8 +181,7 @@ class TinyNextDiT(nn.Module):
         ffn_hidden: int | None = None,
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.in_channels, self.patch = channels, patch
         self.patch_size = patch if patch_attr is None else patch_attr
         self.pad_tokens_multiple = pad_multiple
@@ -231,11 +216,11 @@ class TinyNextDiT(nn.Module):
     def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kw):  # noqa: B006
         batch, _, height, width = x.shape
         p = self.patch
-        x = F.pad(x, (0, (-width) % p, 0, (-height) % p), mode="circular")
+        x = pad_to_patch(x, p)
         h_len, w_len = x.shape[-2] // p, x.shape[-1] // p
         adaln = self.t_embedder((1.0 - timesteps)[:, None].to(x.dtype))
         cap = self._pad(self.cap_embedder(context), getattr(self, "cap_pad_token", None))
-        img = self._pad(self.x_embedder(patchify(x, p)), getattr(self, "x_pad_token", None))
+        img = self._pad(self.x_embedder(patchify(x, p, channels_last=True)), getattr(self, "x_pad_token", None))
         n_cap, n_img = cap.shape[1], h_len * w_len
         ids = position_ids(n_cap, h_len, w_len, img.shape[1] - n_img, batch, x.device)
         freqs = self.rope_embedder(ids).movedim(1, 2).to(x.dtype)  # (B, L, 1, D/2, 2, 2)
@@ -247,7 +232,7 @@ class TinyNextDiT(nn.Module):
         for layer in self.layers:
             joint = layer(joint, None, freqs, adaln, transformer_options=transformer_options)
         out = self.final_linear(self.final_norm(joint) * (1 + self.final_mod(adaln)[:, None]))
-        out = unpatchify(out[:, n_cap : n_cap + n_img], self.in_channels, h_len, w_len, p)
+        out = unpatchify(out[:, n_cap : n_cap + n_img], self.in_channels, h_len, w_len, p, channels_last=True)
         return -out[..., :height, :width]
 
 

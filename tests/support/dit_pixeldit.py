@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, RMSNorm, attend, rope_complex
+from tests.support.dit_blocks import Hooks, RMSNorm, attend, pad_to_patch, rope_complex
 
 
 def axis_rope(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
@@ -206,7 +206,7 @@ class TinyPixelDiT(nn.Module):
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options=None, **kwargs):
         height, width, p = x.shape[-2], x.shape[-1], self.patch
-        x = F.pad(x, (0, (-width) % p, 0, (-height) % p), mode="circular")
+        x = pad_to_patch(x, p)
         batch, _, H, W = x.shape
         h_len, w_len = H // p, W // p
         head = self.hidden_size // self.num_groups

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, RMSNorm, attend, rope_rotations
+from tests.support.dit_blocks import EmbedND, Hooks, RMSNorm, attend, check_axes, pad_to_patch, patchify, unpatchify
 
 AXES = (4, 6, 6)  # three RoPE axes summing to the head width (hidden 32 / 2 heads); Qwen-Image: 16, 56, 56
 THETA = 10000.0
@@ -50,17 +50,6 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     pairs = x.unflatten(-1, (-1, 1, 2))  # (B, L, heads, D/2, 1, 2)
     out = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]
     return out.reshape(x.shape)
-
-
-class EmbedND(nn.Module):
-    """``pe_embedder``: 2x2 rotations of every token, axis by axis, ``(B, 1, L, D/2, 2, 2)``."""
-
-    def __init__(self, axes: tuple[int, ...], theta: float):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes, self.theta)
 
 
 class QwenAttention(nn.Module):
@@ -176,8 +165,7 @@ class TinyQwen(nn.Module):
         patch_attr: int | None = None,
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.patch_size = 2 if patch_attr is None else patch_attr
         self.channels = channels
         self.in_channels = 4 * channels
@@ -206,12 +194,10 @@ class TinyQwen(nn.Module):
 
     def process_img(self, x: torch.Tensor, index: float = 0):
         """(B, C, 1, H, W) -> tokens (B, h*w, 4C), centred ids, the padded shape."""
-        pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
-        padded = F.pad(x, (0, pad_w, 0, pad_h, 0, 0), mode="circular") if pad_h or pad_w else x
-        b, c, _, height, width = padded.shape
-        h_len, w_len = height // 2, width // 2
-        tokens = padded.reshape(b, c, h_len, 2, w_len, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h_len * w_len, 4 * c)
-        return tokens, centred_ids(h_len, w_len, index, b, x.device), padded.shape
+        padded = pad_to_patch(x, 2)
+        h_len, w_len = padded.shape[-2] // 2, padded.shape[-1] // 2
+        tokens = patchify(padded.squeeze(2), 2)  # the one frame's 2x2 patches, channel-major
+        return tokens, centred_ids(h_len, w_len, index, x.shape[0], x.device), padded.shape
 
     def forward(
         self,
@@ -249,6 +235,5 @@ class TinyQwen(nn.Module):
         scale, shift = self.norm_out(F.silu(temb)).chunk(2, dim=-1)
         hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
         out = self.proj_out(hidden)[:, :n_image]
-        b, c = x.shape[:2]
-        out = out.reshape(b, h_len, w_len, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, 2 * h_len, 2 * w_len)
+        out = unpatchify(out, x.shape[1], h_len, w_len, 2).unsqueeze(2)
         return out[..., : x.shape[-2], : x.shape[-1]]

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.support.dit_blocks import Hooks, attend, neo_attention, rope_complex, rope_rotations
+from tests.support.dit_blocks import EmbedND, Hooks, attend, check_axes, neo_attention, rope_complex
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -147,17 +147,6 @@ class Block(nn.Module):
         return _gated(x, self.img_mlp(_modulated(self.img_norm2, x, scale2, prefix_len)), gate2, prefix_len)
 
 
-class EmbedND(nn.Module):
-    """``pe_embedder``: (B, L, 3) ids -> (B, 1, L, D/2, 2, 2) rotations, called as a module."""
-
-    def __init__(self, axes: tuple[int, ...]):
-        super().__init__()
-        self.axes = tuple(axes)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes)
-
-
 def image_ids(h: int, w: int, index: float) -> torch.Tensor:
     """``(index, row - h // 2, column - w // 2)``, row-major: (h * w, 3)."""
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -179,8 +168,7 @@ class TinyQwen21(nn.Module):
         kernel: str = "global",
     ):
         super().__init__()
-        if sum(axes) != hidden // heads:
-            raise ValueError(f"RoPE axes {axes} do not sum to the head width {hidden // heads}")
+        check_axes(axes, hidden, heads)
         self.out_channels, self.kernel = channels, kernel
         self.pe_embedder = EmbedND(axes)
         self.time_text_embed = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden))

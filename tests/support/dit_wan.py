@@ -27,16 +27,12 @@ softmax, for the slow logit-blur reference; ``seen``: record q, k, v entering at
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tests.support import dit_blocks
-from tests.support.dit_blocks import Hooks, attend, rope_complex, rope_rotations
-from tests.support.slow_seg import blur_logit_rows
+from tests.support.dit_blocks import EmbedND, Hooks, attend, pad_to_patch, rope_complex
 
 
 def sinusoidal(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -127,22 +123,6 @@ class Head(nn.Module):
         return self.head(self.norm(x) * (1 + _repeat_e(e[1], x)) + _repeat_e(e[0], x))
 
 
-class EmbedND(nn.Module):
-    def __init__(self, axes: tuple[int, ...], theta: float = 10000.0):
-        super().__init__()
-        self.axes, self.theta = tuple(axes), theta
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return rope_rotations(ids, self.axes, self.theta)
-
-
-def pad_to_patch(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
-    pad: tuple[int, ...] = ()
-    for side, p in zip(x.shape[2:], patch, strict=True):
-        pad = (0, (-side) % p, *pad)
-    return F.pad(x, pad, mode="circular") if any(pad) else x
-
-
 def video_ids(t_len: int, h_len: int, w_len: int, batch: int, swap: bool = False) -> torch.Tensor:
     t, h, w = torch.meshgrid(torch.arange(t_len), torch.arange(h_len), torch.arange(w_len), indexing="ij")
     ids = torch.stack([t, w, h] if swap else [t, h, w], dim=-1).reshape(1, -1, 3).double()
@@ -221,28 +201,3 @@ class TinyWan(nn.Module):
         out = torch.einsum("bfhwpqrc->bcfphqwr", out)
         out = out.reshape(bs, self.out_dim, *[g * p for g, p in zip(grid, self.patch_size, strict=True)])
         return out[:, :, :t, :h, :w]
-
-
-@contextmanager
-def blurred_frame_logits(
-    blocks: Iterable[nn.Module], sigma: float, frames: int, grid: tuple[int, int], rows=None
-) -> Iterator[None]:
-    """The slow reference: within the block, the self-attention of ``blocks`` blurs the logit rows of each
-    of the first ``frames`` frames (``h * w`` tokens each, the sequence's start) over ``grid``, frame by
-    frame (tests/support/slow_seg.py's dense blur; no query is touched)."""
-    n_frame = grid[0] * grid[1]
-    per_frame = [blur_logit_rows(slice(f * n_frame, (f + 1) * n_frame), grid, sigma, rows) for f in range(frames)]
-
-    def blur(logits: torch.Tensor) -> torch.Tensor:
-        for frame in per_frame:  # disjoint query rows: one after the other is all of them at once
-            logits = frame(logits)
-        return logits
-
-    blocks = list(blocks)
-    try:
-        for block in blocks:
-            block.hooks = Hooks(logits=blur)
-        yield
-    finally:
-        for block in blocks:
-            block.hooks = Hooks()

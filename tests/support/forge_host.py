@@ -379,13 +379,19 @@ def forge_attention_function(q, k, v, heads, mask=None, attn_precision=None, ski
     return attention(q, k, v, heads)
 
 
-def _modules(**modules: dict[str, Any]) -> dict[str, types.ModuleType]:
-    made = {}
+def _modules(*ready: types.ModuleType, **modules: dict[str, Any]) -> dict[str, types.ModuleType]:
+    """``sys.modules`` entries: the ``ready`` modules, the named ones with their attributes, and (empty) every
+    parent package of them, as importing a submodule makes its parents."""
+    made = {module.__name__: module for module in ready}
     for name, attributes in modules.items():
-        module = types.ModuleType(name)
+        module = made[name] = types.ModuleType(name)
         for key, value in attributes.items():
             setattr(module, key, value)
-        made[name] = module
+    for name in list(made):
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            parent = ".".join(parts[:end])
+            made.setdefault(parent, types.ModuleType(parent))
     return made
 
 
@@ -397,63 +403,51 @@ def comfyui_optimized_attention(q, k, v, heads, mask=None, attn_precision=None, 
 comfyui_optimized_attention.precisions = []
 
 
+def _sampling_module(name: str, kind: str, **batching: Any) -> types.ModuleType:
+    """The host's sampling module ``name``: its ``batching`` functions and the ``sampling_function`` that calls them."""
+    module = types.ModuleType(name)
+    for attribute, function in batching.items():
+        setattr(module, attribute, function)
+    module.sampling_function = make_sampling_function(kind, module)
+    return module
+
+
 def host_modules(kind: str) -> dict[str, types.ModuleType]:
     """``sys.modules`` entries a host of ``kind`` has, with the functions the adapter resolves."""
     if kind == COMFYUI:
-        samplers = types.ModuleType("comfy.samplers")
-        samplers.calc_cond_batch = make_calc_cond_batch(COMFYUI)
-        samplers.sampling_function = make_sampling_function(COMFYUI, samplers)
-        made = _modules(
+        return _modules(
+            _sampling_module("comfy.samplers", kind, calc_cond_batch=make_calc_cond_batch(kind)),
             **{
-                "comfy": {},
-                "comfy.ldm": {},
-                "comfy.ldm.modules": {},
                 "comfy.ldm.modules.attention": {"optimized_attention": comfyui_optimized_attention},
                 "comfy.model_management": {"get_free_memory": get_free_memory},
-            }
+            },
         )
-        return {**made, samplers.__name__: samplers}
+    batching = make_calc_cond_uncond_batch(kind)
     if kind in BACKEND:
-        sampling = types.ModuleType("backend.sampling.sampling_function")
-        sampling.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
-        sampling.sampling_function = make_sampling_function(kind, sampling)
-        made = _modules(
+        return _modules(
+            _sampling_module("backend.sampling.sampling_function", kind, calc_cond_uncond_batch=batching),
             **{
-                "backend": {},
-                "backend.sampling": {},
-                "backend.nn": {},
                 "backend.nn.unet": {"attention_function": forge_attention_function},
                 "backend.attention": {"attention_function": forge_attention_function},
                 "backend.patcher.unet": {"UnetPatcher": UnetPatcher},
                 "backend.memory_management": {"get_free_memory": get_free_memory},
-                "modules_forge": {},
                 "modules_forge.forge_version": {"version": "neo" if kind == "neo" else "f2.0.1v1.10.1"},
-            }
+            },
         )
-        return {**made, sampling.__name__: sampling}
-    samplers = types.ModuleType("ldm_patched.modules.samplers")
-    samplers.calc_cond_uncond_batch = make_calc_cond_uncond_batch(kind)
-    samplers.sampling_function = make_sampling_function(kind, samplers)
+    samplers = _sampling_module("ldm_patched.modules.samplers", kind, calc_cond_uncond_batch=batching)
     attention_module = {
         "optimized_attention": reforge_optimized_attention if kind == "reforge" else classic_optimized_attention
     }
-    made = _modules(
-        **{
-            "ldm_patched": {},
-            "ldm_patched.modules": {},
-            "ldm_patched.ldm": {},
-            "ldm_patched.ldm.modules": {},
-            "ldm_patched.ldm.modules.attention": attention_module,
-            "modules_forge": {},
-            "modules_forge.unet_patcher": {"UnetPatcher": UnetPatcher},
-            "ldm_patched.modules.model_management": {"get_free_memory": get_free_memory},
-        }
-    )
+    modules = {
+        "ldm_patched.ldm.modules.attention": attention_module,
+        "modules_forge.unet_patcher": {"UnetPatcher": UnetPatcher},
+        "ldm_patched.modules.model_management": {"get_free_memory": get_free_memory},
+    }
     if kind == "reforge":
         calc_cond_batch.calls = 0
         samplers.calc_cond_batch = calc_cond_batch
-        made.update(_modules(**{"ldm_patched.modules.patcher_extension": {}}))
-    return {**made, samplers.__name__: samplers}
+        modules["ldm_patched.modules.patcher_extension"] = {}
+    return _modules(samplers, **modules)
 
 
 def install(monkeypatch, kind: str) -> dict[str, types.ModuleType]:
@@ -545,6 +539,36 @@ def make_processing(kind: str, unet: torch.nn.Module, attn_precision=None, model
     p = Processing(types.SimpleNamespace(forge_objects=objects.shallow_copy()), forge_objects_original=objects)
     p.sampler = Sampler(CFGDenoiser(kind, p))
     return p
+
+
+def make_inputs(config, images=2, height=13, width=9, tokens=5, entries=1, strengths=(1.0,), seed=0):
+    """A step's ``(x, cond, uncond)`` as the hosts' sampler gets them, float64: ``entries`` cond entries (an AND
+    prompt's parts, or area conds) with strengths cycling through ``strengths``, one uncond entry; each entry's
+    ``model_conds`` hold ``c_crossattn`` (``tokens`` tokens) and, where the UNet takes one, the pooled ``y``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def entry(strength: float) -> dict:
+        conds = {"c_crossattn": torch.randn(images, tokens, config.context_dim, generator=g, dtype=torch.float64)}
+        if config.adm_in_channels:
+            conds["y"] = torch.randn(images, config.adm_in_channels, generator=g, dtype=torch.float64)
+        return {"model_conds": conds, "strength": strength}
+
+    x = torch.randn(images, 4, height, width, generator=g, dtype=torch.float64)
+    return x, [entry(strengths[i % len(strengths)]) for i in range(entries)], [entry(1.0)]
+
+
+def small_card(monkeypatch, max_rows: int = 4) -> None:
+    """``BaseModel.apply_model`` on a card that holds ``max_rows`` rows: a larger call records its rows and raises
+    CUDA's out-of-memory error (the host's estimate said it fits, the card disagreed)."""
+    apply_model = BaseModel.apply_model
+
+    def apply(self, x, *args, **kwargs):
+        if x.shape[0] > max_rows:
+            self.rows.append(x.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return apply_model(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(BaseModel, "apply_model", apply)
 
 
 def deep_shrink(patcher: UnetPatcher, block_number: int, factor: float) -> UnetPatcher:

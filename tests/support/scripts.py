@@ -1,8 +1,10 @@
-"""Run a script of benchmarks/ or tools/ as a user would, and read the tables it prints.
+"""Run a script of benchmarks/ or tools/ as a user would (``python -m benchmarks.seg_step``), and read the tables
+it prints.
 
-The scripts are not imported by the tests: each runs in its own interpreter (``sys.executable``, the repo
-root as working directory), so that a broken import, a wrong command-line default or a crash in the
-script's own code fails the test exactly as it fails the person who runs it.
+The scripts are not imported by the tests: each runs as a module in its own interpreter (``sys.executable -m``,
+the repo root as working directory, so ``tests.support`` and ``lib_seg`` import as packages), so that a broken
+import, a wrong command-line default or a crash in the script's own code fails the test exactly as it fails the
+person who runs it.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ class Run:
         return self
 
 
-def run_script(script: str, *args: str) -> Run:
-    """``python script args...`` from the repo root; its exit status and output."""
+def run_module(module: str, *args: str) -> Run:
+    """``python -m module args...`` from the repo root; its exit status and output."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -4,9 +4,9 @@ UNet (:func:`seg_unet`): a deep copy of the UNet gets the chosen ``attn1`` modul
 replaced by plain Python that projects q, blurs it with the dense float64 reference of
 ``tests/core/test_blur.py`` on the grid its SpatialTransformer saw, and finishes the attention itself.
 
-DiT (:func:`blurred_logits`): no query is touched at all; the chosen blocks of a
-tests/support/dit_models.py model compute attention explicitly and their pre-softmax logits get the
-image rows blurred (paper Prop. 3.1 says this equals blurring the image queries).
+DiT (:func:`blurred_logits`, and :func:`blur_frame_rows` for tests/support/dit_cases.py): no query is touched
+at all; the chosen blocks of a tests/support/dit_models.py model compute attention explicitly and their
+pre-softmax logits get the image rows blurred (paper Prop. 3.1 says this equals blurring the image queries).
 """
 
 from __future__ import annotations
@@ -34,6 +34,20 @@ def blur_logit_rows(image: slice, grid, sigma: float, rows=None) -> Callable[[to
         out = logits.clone()
         out[torch.tensor(chosen), :, image] = blurred
         return out
+
+    return hook
+
+
+def blur_frame_rows(start: int, grid, frames: int, sigma: float, rows=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`blur_logit_rows` for ``frames`` consecutive ``grid`` frames from query row ``start`` (a video), each
+    frame's rows over its own grid (no temporal blur)."""
+    n = grid[0] * grid[1]
+    per_frame = [blur_logit_rows(slice(start + f * n, start + (f + 1) * n), grid, sigma, rows) for f in range(frames)]
+
+    def hook(logits: torch.Tensor) -> torch.Tensor:
+        for frame in per_frame:  # disjoint query rows: one after the other is all of them at once
+            logits = frame(logits)
+        return logits
 
     return hook
 

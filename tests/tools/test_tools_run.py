@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 
-from tests.support.scripts import run_script
+from tests.support.scripts import run_module
 
 CASES = ("Flux", "Flux+Kontext", "MMDiT", "MMDiT+attn2")  # dit_backend_smoke.imitation_cases
 SPECS = {"Flux": ("all", "d1", "s0"), "MMDiT": ("all", "j0", "j1")}
@@ -27,7 +27,7 @@ def _report(stdout: str) -> list[str]:
 
 
 def test_dit_backend_smoke_imitation() -> None:
-    run = run_script("tools/dit_backend_smoke.py", "--host", "imitation").check()
+    run = run_module("tools.dit_backend_smoke", "--host", "imitation").check()
     passed = _report(run.stdout)
     for case in CASES:
         label = f"imitation {case} 9x13"
@@ -42,7 +42,7 @@ def test_dit_backend_smoke_imitation() -> None:
 
 
 def test_dit_adapter_smoke_imitation() -> None:
-    run = run_script("tools/dit_adapter_smoke.py", "--host", "imitation").check()
+    run = run_module("tools.dit_adapter_smoke", "--host", "imitation").check()
     assert "lib_seg host kind forge" in run.stdout.splitlines()[0]
     passed = _report(run.stdout)
     settings = {"Flux": (("d1,s0", "1.5"), ("all", "inf")), "MMDiT": (("j0", "1.5"), ("all", "inf"))}
@@ -65,7 +65,7 @@ def test_dit_adapter_smoke_imitation() -> None:
 
 
 def test_forge_backend_smoke_imitation() -> None:
-    run = run_script("tools/forge_backend_smoke.py", "--host", "imitation").check()
+    run = run_module("tools.forge_backend_smoke", "--host", "imitation").check()
     lines = run.stdout.splitlines()
     assert lines[0] == "host_kind: forge" and lines[-1] == "OK", run.stdout
     steps = re.findall(

@@ -23,6 +23,11 @@ the cross-attention is left alone.
   (2.26 lines 462-468, 2.29 lines 474-479) and are not blurred.  Each image frame is blurred over its own
   ``h x w`` grid, as on Wan.
 * A query count that is not the block's grid (a tiling extension's sub-grid) skips the block with a warning.
+* ComfyUI's Anima (``comfy/ldm/anima/model.py:193``, a ``MiniTrainDIT`` of ``comfy/ldm/cosmos/predict2.py`` with an
+  ``llm_adapter``) has the same blocks; its ``torch_attention_op`` calls the module-global ``optimized_attention``
+  of ``predict2.py`` (line 77, q ``(B, heads, L, D)``, ``skip_reshape=True``, ``transformer_options``), and each
+  block gets ``x_B_T_H_W_D`` first, positionally (lines 882-887).  It has no reference latents.  ComfyUI's plain
+  Cosmos-Predict2 (the same class without the adapter) is not claimed (:func:`plain_cosmos`).
 """
 
 from __future__ import annotations
@@ -37,12 +42,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patched_side
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
-
-# Neo counts an Anima checkpoint's blocks (``huggingface_guess/detection.py``: 2.26 de2193d hard-codes 28;
-# 2.29 b3b8a1e5 ``count_blocks(... "blocks.")``, width 2048 and 16 heads asserted), and 2.29's ``anima.py``
-# maps LoRAs between depths 28, 40 and 52 (``BLOCK_MAPPINGS``): Anima 2B, 2.9B and 3.8B.
-RELEASED = {"anima": 28, "anima-2.9b": 40, "anima-3.8b": 52}
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, has_structure, placed
 
 Where = tuple[int, tuple[int, int], int]  # (image frames, (h, w), frames in the block's tokens)
 
@@ -52,20 +52,18 @@ def _temporal_patch(model: nn.Module) -> int | None:
     return size if isinstance(size, int) and size >= 1 else None
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells :meth:`AnimaFamily.locate`: the latent's frames and each block's token grid."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def reset(self) -> None:
+        super().reset()
         self.latent_frames: int | None = None
         self.grids: dict[int, tuple[int, int, int]] = {}  # block index -> (T, H, W) of its x_B_T_H_W_D
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.grids.clear()
-        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
+    def read(self, x: Any, call: dict[str, Any]) -> None:
         self.latent_frames = int(x.shape[2]) if torch.is_tensor(x) and x.dim() == 5 else None
 
-    def recorder(self, index: int):
+    def grid_recorder(self, index: int):
         def pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs.get("x_B_T_H_W_D")  # Neo passes it first, positionally
             if torch.is_tensor(x) and x.dim() == 5:
@@ -75,7 +73,7 @@ class _Call:
 
         return pre_hook
 
-    def where(self, layer: DitLayer) -> Where | str:
+    def place(self, layer: DitLayer) -> Where | str:
         """(image frames, (h, w), frames in the sequence) of ``layer``'s call, or why they cannot be placed."""
         grid, patch = self.grids.get(layer.index), _temporal_patch(self.model)
         if self.latent_frames is None:
@@ -88,33 +86,45 @@ class _Call:
         return frames, (grid[1], grid[2]), grid[0]
 
 
+def plain_cosmos(model: Any) -> bool:
+    """Whether ``model`` is ComfyUI's plain Cosmos-Predict2 DiT rather than Anima.  ComfyUI builds both from one
+    class, ``MiniTrainDIT`` (``comfy/ldm/cosmos/predict2.py:573``, which keeps its positional-embedding
+    configuration, ``pos_emb_cls``, line 660); Anima is that class with the LLM adapter added
+    (``comfy/ldm/anima/model.py:193-196``, ``llm_adapter``).  Neo's Anima is a class of its own, with neither
+    (its text encoder runs the adapter).  Cosmos-Predict2 2B/14B images and videos would take the same per-frame
+    blur, but no released Cosmos-Predict2 model is among the families' facts and none was checked, so SEG
+    leaves it alone."""
+    return hasattr(model, "pos_emb_cls") and not isinstance(getattr(model, "llm_adapter", None), nn.Module)
+
+
 class AnimaFamily(AttentionCallFamily):
     """Anima: ``blocks`` with ``self_attn`` / ``cross_attn`` (each with a ``q_norm``), an ``x_embedder`` and a
     ``pos_embedder``."""
 
     name, title = "anima", "Anima"
-    kinds = ("block",)
     attributes: ClassVar[dict[str, str]] = {"block": "blocks"}
     attention: ClassVar[dict[str, str]] = {"block": "self_attn"}  # never cross_attn: its keys are the text
-    default = None
+    # Neo counts an Anima checkpoint's blocks (``huggingface_guess/detection.py``: 2.26 de2193d hard-codes 28;
+    # 2.29 b3b8a1e5 ``count_blocks(... "blocks.")``, width 2048 and 16 heads asserted), and 2.29's ``anima.py``
+    # maps LoRAs between depths 28, 40 and 52 (``BLOCK_MAPPINGS``): Anima 2B, 2.9B and 3.8B.
+    released: ClassVar[dict[str, dict[str, int]]] = {
+        "anima": {"block": 28},
+        "anima-2.9b": {"block": 40},
+        "anima-3.8b": {"block": 52},
+    }
     default_source = "no published Anima or Cosmos-Predict2 SEG/PAG block choice: the middle block (b14 of 28)"
+    facts = _Call
 
     def matches(self, model: Any) -> bool:
-        if not has_blocks(model, "blocks") or not len(model.blocks):
-            return False
-        own = all(isinstance(getattr(model, name, None), nn.Module) for name in ("x_embedder", "pos_embedder"))
-        modules = dict(model.blocks[0].named_modules())
-        return own and all(name in modules for name in ("self_attn.q_norm", "cross_attn.q_norm"))
+        parts = ("self_attn.q_norm", "cross_attn.q_norm")
+        return has_structure(model, "blocks", ("x_embedder", "pos_embedder"), parts) and not plain_cosmos(model)
 
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+    def record(self, model: nn.Module, call: _Call, handles: list[RemovableHandle]) -> None:
         for index, block in enumerate(model.blocks):  # a shape read per block call, whichever are chosen
-            handles.append(block.register_forward_pre_hook(call.recorder(index), with_kwargs=True))
-        return call
+            handles.append(block.register_forward_pre_hook(call.grid_recorder(index), with_kwargs=True))
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
-        frames, (h, w), total = placed(record.where(layer))
+        frames, (h, w), total = placed(record.place(layer))
         if call.queries != total * h * w or call.keys != call.queries:
             raise Skip(f"its {call.queries} queries are not the block's {total}x{h}x{w} token grid")
         return ImageTokens(0, (h, w), frames, rows)

@@ -3,14 +3,20 @@
 A family turns three questions into code: which blocks a model has (:meth:`DitFamily.blocks`, in the
 order the model runs them, which the prefix reuse needs), what ``middle`` selects on it
 (:meth:`DitFamily.default_spec`), and which forward hooks make one model call blur the image queries
-of the chosen blocks (:meth:`DitFamily.arm`).  Hooks go into the caller's list of handles as they are
-registered; the caller removes them in ``finally``, so an exception never leaves one behind.
+of the chosen blocks (:meth:`DitFamily.arm`).  It also states its facts: the released models it knows and
+their blocks (:attr:`DitFamily.released`), its published default and where that comes from.  Hooks go into
+the caller's list of handles as they are registered; the caller removes them in ``finally``, so an
+exception never leaves one behind.
+
+Two ways to blur share one skeleton each: :class:`QNormFamily` (a forward hook on the chosen blocks' q-norm
+modules) and :class:`AttentionCallFamily` (the attention call, :mod:`lib_seg.dit.attention_call`).  Both
+record what one model call tells them in a :class:`CallFacts` (:meth:`DitFamily.recorded_call`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, ClassVar
 
@@ -22,25 +28,119 @@ from lib_seg.core import blocks as dit_layers
 from lib_seg.core.blocks import DitLayer
 from lib_seg.core.skips import SkipCallback
 from lib_seg.dit.attention_call import AttentionCalls, CallShape, ImageTokens, Skip
+from lib_seg.dit.geometry import positions_fit_grid
 from lib_seg.dit.queries import Rows
 
-__all__ = ["AttentionCallFamily", "CallShape", "DitFamily", "ImageTokens", "Skip"]
+__all__ = ["AttentionCallFamily", "CallFacts", "CallShape", "DitFamily", "ImageTokens", "QNormFamily", "Skip"]
 OPTIONS = "transformer_options"
 
 
+class CallFacts:
+    """What one model call tells a family's hooks, with the image tokens' place worked out once per call.
+
+    A family's subclass (:attr:`DitFamily.facts`) resets its own fields in :meth:`reset` (calling this one's),
+    reads the call's arguments in :meth:`read`, and places the image in :meth:`_locate`, which :meth:`where`
+    caches until the next call (the grid and offsets, or the reason they cannot be placed).  :meth:`on_ids`
+    records the position ids a model gives its RoPE embedder (a forward pre-hook on it), which the families
+    check the grid with; :meth:`recorder` keeps each chosen block's call arguments that :meth:`read_block`
+    picks (rotations, a text length) in :attr:`seen`."""
+
+    def __init__(self, model: nn.Module | None = None):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """A new model call: nothing is known of it yet."""
+        self.latent: tuple[int, ...] | None = None
+        self.n_context: int | None = None
+        self.ids: torch.Tensor | None = None
+        self.seen: dict[DitLayer, Any] = {}
+        self._where: Any = None
+
+    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Model pre-hook: a new call, whose arguments (by name; the latent ``x`` named or first) :meth:`read` gets."""
+        self.reset()
+        call = arguments(model, args, kwargs)
+        self.read(call.get("x", args[0] if args else None), call)
+
+    def read(self, x: Any, call: dict[str, Any]) -> None:
+        """What the model call's latent ``x`` and its other arguments tell; by default a 4D latent's
+        ``(C, H, W)`` and the length of the text ``context`` ``(B, L, C)``."""
+        context = call.get("context")
+        if torch.is_tensor(x) and x.dim() == 4:
+            self.latent = tuple(x.shape[1:])
+        if torch.is_tensor(context) and context.dim() == 3:
+            self.n_context = int(context.shape[1])
+
+    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
+        self._where = None  # placed anew with these ids
+
+    def recorder(self, layer: DitLayer):
+        """A forward pre-hook that keeps what :meth:`read_block` picks of ``layer``'s call arguments."""
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.seen[layer] = self.read_block(layer, arguments(module, args, kwargs))
+
+        return pre_hook
+
+    def read_block(self, layer: DitLayer, call: dict[str, Any]) -> Any:
+        """What the hooks need of a chosen block's call arguments (by name)."""
+        raise NotImplementedError
+
+    def where(self) -> Any:
+        if self._where is None:
+            self._where = self._locate()
+        return self._where
+
+    def _locate(self) -> Any:
+        raise NotImplementedError
+
+    def latent_patch(self, patch_of: Callable[[nn.Module, int], int | None], latent: str = "4D"):
+        """``(height, width, patch)`` of this call's ``self.latent`` ``(C, H, W)`` with the patch side that
+        ``patch_of(model, channels)`` reads from the model, or the reason there are none."""
+        if self.latent is None:
+            return f"the model call passed no {latent} latent"
+        channels, height, width = self.latent
+        patch = patch_of(self.model, channels)
+        return "the model's patch size could not be read" if patch is None else (height, width, patch)
+
+    def ids_misplace(self, start: int, grid: tuple[int, int]) -> str | None:
+        """Why the recorded position ids do not lay the ``h * w`` tokens from ``start`` row-major on ``grid``
+        (axes 1, 2 = row, column), or None (they do, or none were recorded)."""
+        stop = start + grid[0] * grid[1]
+        if self.ids is not None and (
+            self.ids.shape[1] < stop or not positions_fit_grid(self.ids[:, start:stop, 1:3], grid)
+        ):
+            return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
+        return None
+
+
 class DitFamily:
-    """One DiT family.  Subclasses set the class attributes and implement the three methods."""
+    """One DiT family.  Subclasses set the class attributes and implement :meth:`matches` and :meth:`arm` (the
+    two ways to blur, :class:`QNormFamily` and :class:`AttentionCallFamily`, arm from the facts they state)."""
 
     name = "dit"
     title = "DiT"  # for messages and the README
-    kinds: tuple[str, ...] = ()  # block kinds, in execution order
+    kinds: tuple[str, ...] = ()  # block kinds, in execution order (by default those of :attr:`attributes`)
     attributes: ClassVar[dict[str, str]] = {}  # kind -> the model's ModuleList attribute (default ``<kind>_blocks``)
+    released: ClassVar[dict[str, dict[str, int]]] = {}  # released model -> {block kind: count} (each family's own)
     default: str | None = None  # the published default spec, used when the model has those blocks
     default_source = ""  # where :attr:`default` comes from
     prefix_reuse = True  # may the SEG rows skip the blocks before the first blurred one (lib_seg.dit.prefix)
     query_modules: ClassVar[dict[str, tuple[str, ...]]] = {}  # kind -> the block's submodules whose forward
     # hook blurs (a q-norm); :meth:`watch` reports a chosen block none of which ran in a model call
     never_ran = "its q-norm module never ran in this call (a fused kernel); SEG could not blur it"
+    facts: ClassVar[type[CallFacts]] = CallFacts  # what one model call tells the hooks (one per :meth:`arm`)
+    ids_from = ""  # the model's submodule called with the position ids (a pre-hook records them), if any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A family whose :attr:`attributes` name every kind's ModuleList, in execution order, does not list
+        its :attr:`kinds` again."""
+        super().__init_subclass__(**kwargs)
+        if "attributes" in vars(cls) and "kinds" not in vars(cls):
+            cls.kinds = tuple(cls.attributes)
 
     def matches(self, model: Any) -> bool:
         raise NotImplementedError
@@ -73,9 +173,27 @@ class DitFamily:
         return before, before[-1:]
 
     def default_spec(self, model: nn.Module) -> str:
-        """What ``middle`` selects on ``model``: :attr:`default` where the model has those blocks, else
-        the middle block of each stream (:func:`lib_seg.core.blocks.default_layers`)."""
-        return dit_layers.default_layers(self.layers(model), self.default)
+        """What ``middle`` selects on ``model`` (:meth:`default_for` its blocks)."""
+        return self.default_for(self.layers(model))
+
+    def default_for(self, layers: Iterable[DitLayer]) -> str:
+        """What ``middle`` selects on a model with these blocks: :attr:`default` where the model has those
+        blocks, else the middle block of each stream (:func:`lib_seg.core.blocks.default_layers`)."""
+        return dit_layers.default_layers(layers, self.default)
+
+    def recorded_call(self, model: nn.Module, handles: list[RemovableHandle]) -> CallFacts:
+        """A new :attr:`facts` of ``model``'s calls, and, into ``handles``, the hooks that fill it: the model's
+        pre-hook, the position ids' (:attr:`ids_from`) and the family's own (:meth:`record`)."""
+        call = self.facts(model)
+        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+        embedder = getattr(model, self.ids_from, None) if self.ids_from else None
+        if isinstance(embedder, nn.Module):
+            handles.append(embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
+        self.record(model, call, handles)
+        return call
+
+    def record(self, model: nn.Module, call: CallFacts, handles: list[RemovableHandle]) -> None:
+        """Register, into ``handles``, the family's further hooks that fill ``call`` (none by default)."""
 
     def arm(
         self,
@@ -111,27 +229,38 @@ class DitFamily:
             handles.append(model.register_forward_hook(report))
 
 
-class CallFacts:
-    """What one model call tells a family's hooks, with the image tokens' place worked out once per call:
-    :meth:`where` caches :meth:`_locate` (the family's own: grid and offsets, or the reason they cannot be
-    placed); a subclass sets ``_where = None`` when a new call starts.  :meth:`on_ids` records the position
-    ids a model gives its RoPE embedder (a forward pre-hook on it), which the families check the grid with."""
+QueryHook = Callable[[nn.Module, tuple, Any], Any]  # a q-norm's forward hook: the blurred queries, or None
 
-    _where: Any = None
-    ids: torch.Tensor | None = None
 
-    def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 and ids.shape[-1] >= 3 else None
-        self._where = None  # placed anew with these ids
+class QNormFamily(DitFamily):
+    """A family whose chosen blocks are blurred by a forward hook on their q-norm modules
+    (:attr:`query_modules`) that returns the blurred queries (``R^-1 blur(R q)`` where the host's RoPE
+    follows, :func:`lib_seg.dit.queries.blur_before_rope`).  A subclass states what one model call tells
+    the hook (:attr:`facts`, :attr:`ids_from`, :meth:`record`), which module of a chosen block gets the call
+    arguments the hook needs (:attr:`arguments_of`), and the hook (:attr:`hook`)."""
 
-    def where(self) -> Any:
-        if self._where is None:
-            self._where = self._locate()
-        return self._where
+    arguments_of: str | None = None  # the chosen block's submodule whose arguments ``facts.recorder`` keeps
+    # ("": the block itself; None: none)
+    hook: ClassVar[Callable[..., QueryHook]]  # (layer, call, sigma, rows, on_skip) -> the q-norm's forward hook
 
-    def _locate(self) -> Any:
-        raise NotImplementedError
+    def arm(
+        self,
+        model: nn.Module,
+        layers: Iterable[DitLayer],
+        sigma: float,
+        rows: Rows,
+        on_skip: SkipCallback | None,
+        handles: list[RemovableHandle],
+    ) -> None:
+        call = self.recorded_call(model, handles)
+        for layer in layers:
+            block = self.block(model, layer)
+            if self.arguments_of is not None:
+                module = submodules(block, layer, [self.arguments_of])[0]  # "" names the block itself
+                handles.append(module.register_forward_pre_hook(call.recorder(layer), with_kwargs=True))
+            hook = self.hook(layer, call, sigma, rows, on_skip)
+            norms = submodules(block, layer, self.query_modules[layer.kind])
+            handles.extend(norm.register_forward_hook(hook) for norm in norms)
 
 
 def placed(where: Any) -> Any:
@@ -149,8 +278,19 @@ def has_blocks(model: Any, *attributes: str) -> bool:
     )
 
 
+def has_structure(model: Any, blocks: str, parts: Iterable[str] = (), block_parts: Iterable[str] = ()) -> bool:
+    """Whether ``model`` has a non-empty ModuleList ``blocks``, a module under each of ``parts``, and its first
+    block a submodule under each of ``block_parts`` (dotted paths)."""
+    if not has_blocks(model, blocks) or not len(getattr(model, blocks)):
+        return False
+    if not all(isinstance(getattr(model, name, None), nn.Module) for name in parts):
+        return False
+    modules = dict(getattr(model, blocks)[0].named_modules())
+    return all(name in modules for name in block_parts)
+
+
 def submodules(block: nn.Module, layer: DitLayer, names: Iterable[str]) -> list[nn.Module]:
-    """The named submodules of ``block`` that exist (at least one must)."""
+    """The named submodules of ``block`` that exist (at least one must); ``""`` names ``block`` itself."""
     names = list(names)
     modules = dict(block.named_modules())
     found = [modules[name] for name in names if name in modules]
@@ -199,7 +339,8 @@ def override_injector(calls: AttentionCalls):
 
 def seam_namespace(module: nn.Module) -> dict | None:
     """The module globals an attention module's class calls its attention function through (those of its
-    ``forward``: Neo's model files import ``attention_function`` there and look it up at call time)."""
+    ``forward``: Neo's model files import ``attention_function`` there, ComfyUI's ``optimized_attention[_masked]``,
+    and look it up at call time)."""
     namespace = getattr(inspect.unwrap(type(module).forward), "__globals__", None)
     return namespace if isinstance(namespace, dict) else None
 
@@ -208,15 +349,14 @@ class AttentionCallFamily(DitFamily):
     """A family whose chosen blocks are blurred at their self/joint attention call
     (:mod:`lib_seg.dit.attention_call`).  A subclass says which submodule of a block runs that attention
     (:attr:`attention`), which module-global names its file calls the kernel by (:attr:`seams`), what one
-    model call tells it (:meth:`record`) and where the image lies in each attention call (:meth:`locate`)."""
+    model call tells it (:attr:`facts`, :attr:`ids_from`, :meth:`record`) and where the image lies in each
+    attention call (:meth:`locate`)."""
 
     attention: ClassVar[dict[str, str]] = {}  # kind -> the block's submodule that runs its self/joint attention
-    seams: tuple[str, ...] = ("attention_function",)  # module-global kernel names (Neo: ``backend.attention``)
-
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> Any:
-        """Register, into ``handles``, the hooks that record what one model call tells :meth:`locate`; return
-        the record (the family's own object)."""
-        raise NotImplementedError
+    # module-global kernel names: Neo's ``attention_function`` (from ``backend.attention``), ComfyUI's
+    # ``optimized_attention`` / ``optimized_attention_masked`` (``from comfy.ldm.modules.attention import ...``: e.g.
+    # ``comfy/ldm/lumina/model.py:12``, ``qwen_image/model.py:11``, ``wan/model.py:9``, ``cosmos/predict2.py:16``)
+    seams: tuple[str, ...] = ("attention_function", "optimized_attention", "optimized_attention_masked")
 
     def locate(self, record: Any, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens | None:
         """Where the image lies in this attention call of ``layer`` (None: another of its calls; raise
@@ -224,9 +364,7 @@ class AttentionCallFamily(DitFamily):
         raise NotImplementedError
 
     def attention_module(self, model: nn.Module, layer: DitLayer) -> nn.Module:
-        block = self.block(model, layer)
-        path = self.attention.get(layer.kind, "")
-        return submodules(block, layer, [path])[0] if path else block
+        return submodules(self.block(model, layer), layer, [self.attention.get(layer.kind, "")])[0]
 
     def arm(
         self,
@@ -238,7 +376,7 @@ class AttentionCallFamily(DitFamily):
         handles: list[RemovableHandle],
     ) -> None:
         calls = AttentionCalls(sigma, on_skip)
-        record = self.record(model, handles)
+        record = self.recorded_call(model, handles)
         handles.append(model.register_forward_pre_hook(override_injector(calls), with_kwargs=True))
         for layer in layers:
             module = self.attention_module(model, layer)

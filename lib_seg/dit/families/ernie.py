@@ -32,17 +32,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
-
-# Released layer count: baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36
-# (Neo ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
-RELEASED = {"ernie-image": 36, "ernie-image-turbo": 36}
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, has_structure, placed
 
 
 def model_patch(model: nn.Module) -> int | None:
@@ -68,66 +63,43 @@ def ids_on_grid(positions: torch.Tensor, grid: tuple[int, int]) -> bool:
 
 
 class _Call(CallFacts):
-    """What one model call tells the layers: latent, text length, position ids."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.reset()
-
-    def reset(self) -> None:
-        self.latent: tuple[int, int] | None = None
-        self.n_txt: int | None = None
-        self.ids: torch.Tensor | None = None
-        self._where: tuple | str | None = None
-
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        call = arguments(model, args, kwargs)
-        x, context = call.get("x", args[0] if args else None), call.get("context")
-        self.latent = tuple(map(int, x.shape[-2:])) if torch.is_tensor(x) and x.dim() == 4 else None
-        self.n_txt = int(context.shape[1]) if torch.is_tensor(context) and context.dim() == 3 else None
+    """What one model call tells the layers: the latent's (C, H, W), the text length (:meth:`CallFacts.read`),
+    position ids."""
 
     def _locate(self) -> tuple[tuple[int, int], int] | str:
-        patch = model_patch(self.model)
-        if self.latent is None or patch is None or self.n_txt is None:
+        patch, n_txt = model_patch(self.model), self.n_context
+        if self.latent is None or patch is None or n_txt is None:
             return "the model call passed no 4D latent and text, or the patch size could not be read"
         try:
-            grid = patch_grid(*self.latent, patch, pad=False)
+            grid = patch_grid(*self.latent[1:], patch, pad=False)
         except ValueError as error:
             return str(error)
         n_image = grid[0] * grid[1]
-        if self.ids is None or self.ids.shape[1] != n_image + self.n_txt:
-            return f"the model's position ids do not hold {grid[0]}x{grid[1]} image and {self.n_txt} text tokens"
+        if self.ids is None or self.ids.shape[1] != n_image + n_txt:
+            return f"the model's position ids do not hold {grid[0]}x{grid[1]} image and {n_txt} text tokens"
         if not ids_on_grid(self.ids[:, :n_image, 1:3], grid):
             return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
-        return grid, self.n_txt
+        return grid, n_txt
 
 
 class ErnieImageFamily(AttentionCallFamily):
     """Ernie-Image: ``layers`` of single-stream self-attention over ``[image | text]``; the letter is ``l``."""
 
     name, title = "ernie", "Ernie-Image"
-    kinds = ("layer",)
     attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
     attention: ClassVar[dict[str, str]] = {"layer": "self_attention"}
-    default = None
+    # baidu/ERNIE-Image (and -Turbo) ``transformer/config.json`` ``num_layers`` 36 (Neo
+    # ``backend/huggingface/baidu/ERNIE-Image``, ``ErnieImageModel`` defaults); hidden 4096, 32 heads.
+    released: ClassVar[dict[str, dict[str, int]]] = {"ernie-image": {"layer": 36}, "ernie-image-turbo": {"layer": 36}}
     default_source = (
         "no published Ernie-Image SEG, PAG or skip-layer choice: the middle layer, l18 of the released 36 "
         "(baidu/ERNIE-Image transformer/config.json)"
     )
+    facts, ids_from = _Call, "pos_embed"
 
     def matches(self, model: Any) -> bool:
-        if not has_blocks(model, "layers") or not len(model.layers):
-            return False
-        own = all(isinstance(getattr(model, name, None), nn.Module) for name in ("x_embedder", "pos_embed"))
-        modules = dict(model.layers[0].named_modules())
-        return own and all(name in modules for name in ("adaLN_sa_ln", "self_attention.norm_q", "mlp"))
-
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
-        handles.append(model.pos_embed.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        return call
+        parts = ("adaLN_sa_ln", "self_attention.norm_q", "mlp")
+        return has_structure(model, "layers", ("x_embedder", "pos_embed"), parts)
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
         grid, n_txt = placed(record.where())
@@ -137,3 +109,5 @@ class ErnieImageFamily(AttentionCallFamily):
 
 
 ERNIE = ErnieImageFamily()
+# The block counts as tests/dit/test_ernie.py reads them (the facts are :attr:`ErnieImageFamily.released`).
+RELEASED = {model: blocks["layer"] for model, blocks in ERNIE.released.items()}

@@ -25,19 +25,17 @@ structure (interfaces only, no code taken):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lib_seg.core import blocks as dit_layers
 from lib_seg.core.blocks import DitLayer
-from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
+from lib_seg.dit.geometry import model_patch_size, patch_grid
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, QNormFamily, SkipCallback, arguments, has_blocks, skipped
 
 Where = tuple[tuple[int, int], int]  # (grid, text tokens before the image in the joint sequence)
 
@@ -45,54 +43,50 @@ Where = tuple[tuple[int, int], int]  # (grid, text tokens before the image in th
 class _Call(CallFacts):
     """What one model call tells the hooks: latent, text length, position ids, each block's rotations."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.reset()
-
     def reset(self) -> None:
-        self.latent: tuple[int, int, int] | None = None  # (C, H, W)
-        self.n_context: int | None = None
+        super().reset()  # and :meth:`read`: the latent's (C, H, W) and the context's length
         self.n_txt: int | None = None
-        self.ids: torch.Tensor | None = None
-        self.pe: dict[DitLayer, torch.Tensor] = {}
-        self._where: Where | str | None = None
-
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        call = arguments(model, args, kwargs)
-        x = call.get("x", args[0] if args else None)
-        context = call.get("context")
-        if torch.is_tensor(x) and x.dim() == 4:
-            self.latent = tuple(x.shape[1:])
-        if torch.is_tensor(context) and context.dim() == 3:
-            self.n_context = int(context.shape[1])
 
     def on_text(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         txt = arguments(block, args, kwargs).get("txt")
         self.n_txt = int(txt.shape[1]) if torch.is_tensor(txt) and txt.dim() == 3 else None
 
-    def pe_recorder(self, layer: DitLayer):
-        def pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.pe[layer] = arguments(block, args, kwargs).get("pe")
-
-        return pre_hook
+    def read_block(self, layer: DitLayer, call: dict[str, Any]) -> Any:
+        return call.get("pe")
 
     def _locate(self) -> Where | str:
-        if self.latent is None:
-            return "the model call passed no 4D latent"
-        channels, height, width = self.latent
-        patch = model_patch_size(self.model, channels)
-        if patch is None:
-            return "the model's patch size could not be read"
-        grid = patch_grid(height, width, patch, pad=True)
+        found = self.latent_patch(model_patch_size)
+        if isinstance(found, str):
+            return found
+        grid = patch_grid(*found, pad=True)
         n_txt = self.n_txt if self.n_txt is not None else self.n_context
         if n_txt is None:
             return "the model call passed no text sequence"
-        if self.ids is not None:
-            stop = n_txt + grid[0] * grid[1]
-            if self.ids.shape[1] < stop or not positions_fit_grid(self.ids[:, n_txt:stop, 1:3], grid):
-                return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
-        return grid, n_txt
+        return self.ids_misplace(n_txt, grid) or (grid, n_txt)
+
+
+# A model's input embedders that no Flux has: ComfyUI's Hunyuan3D (``comfy/ldm/hunyuan3d/model.py:33``) embeds a
+# shape latent ``(B, L, C)`` with ``latent_in`` and no ``img_in``, on Flux's own double and single blocks.
+FOREIGN_INPUTS = ("latent_in",)
+
+
+def foreign_inputs(model: Any) -> str | None:
+    """Why ``model``, which has Flux's ``double_blocks`` and ``single_blocks``, is not a Flux (None: nothing says
+    so).  Every Flux, Chroma and Flux.2 (Neo, Forge 2.x, reForge, ComfyUI ``comfy/ldm/flux/model.py:59, 72``,
+    ``chroma/model.py:57, 74``) patchifies a 4D latent by an int ``patch_size`` (where it keeps one) and embeds the
+    patches with ``img_in``, a Linear module (a quantized one need not be a ``nn.Linear``: Forge's GGUF layers).
+    ComfyUI builds other models from the same blocks, which SEG leaves alone: HunyuanVideo and HunyuanImage 2.1
+    (``hunyuan_video/model.py:197, 213``: a list ``patch_size``, a convolution ``img_in``), JoyImage (a list
+    ``patch_size``, a Conv3d ``img_in``), Hunyuan3D (:data:`FOREIGN_INPUTS`), Chroma Radiance (``img_in`` a method
+    over a pixel convolution, ``chroma_radiance/model.py:70-71``)."""
+    patch = getattr(model, "patch_size", None)
+    if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool)):
+        return f"its patch_size {patch!r} is not one int"
+    embedder = getattr(model, "img_in", None)
+    if embedder is not None and (not isinstance(embedder, nn.Module) or isinstance(embedder, nn.modules.conv._ConvNd)):
+        return f"its img_in is a {type(embedder).__name__}, not a linear patch embedding"
+    found = [name for name in FOREIGN_INPUTS if isinstance(getattr(model, name, None), nn.Module)]
+    return f"it embeds its input with {found[0]}" if found else None
 
 
 def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipCallback | None):
@@ -104,7 +98,7 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
         if isinstance(where, str):
             return skipped(on_skip, layer, q.shape[-2], None, where)
         grid, n_txt = where
-        pe = call.pe.get(layer)
+        pe = call.seen.get(layer)
         if pe is None or q.dim() != 4 or not torch.is_tensor(pe) or pe.dim() != 6:
             return skipped(on_skip, layer, q.shape[-2], grid, "no RoPE rotations reached the block")
         if layer.kind == "double":  # image-stream q ``[image | references]``: the last q.shape[2] rotations
@@ -119,43 +113,32 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
     return hook
 
 
-class FluxFamily(DitFamily):
+class FluxFamily(QNormFamily):
     """Flux.1 and Chroma: ``double_blocks`` then ``single_blocks``, RoPE inside ``attention()``."""
 
     name, title = "flux", "Flux.1 / Chroma"
     kinds = ("double", "single")
-    default = dit_layers.FLUX1_DEFAULT
+    released: ClassVar[dict[str, dict[str, int]]] = {
+        "flux": {"double": 19, "single": 38},
+        "chroma": {"double": 19, "single": 38},
+    }
+    # ComfyUI's ``SkipLayerGuidanceDiT`` default (double "7, 8, 9", single "7, 8, 9",
+    # ``comfy_extras/nodes_slg.py:24-28``); no published Flux SEG or PAG default exists.
+    default = "d7-9,s7-9"
     default_source = (
         "ComfyUI's SkipLayerGuidanceDiT defaults (double 7, 8, 9; single 7, 8, 9; comfy_extras/nodes_slg.py); "
         "no published Flux SEG or PAG choice exists"
     )
     query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"double": ("img_attn.norm",), "single": ("norm",)}
+    facts, ids_from, arguments_of = _Call, "pe_embedder", ""  # each chosen block's ``pe``
+    hook = staticmethod(_hook)
 
     def matches(self, model: Any) -> bool:
-        return has_blocks(model, "double_blocks", "single_blocks")
+        return has_blocks(model, "double_blocks", "single_blocks") and not foreign_inputs(model)
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
-        embedder = getattr(model, "pe_embedder", None)
-        if isinstance(embedder, nn.Module):
-            handles.append(embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        if len(model.double_blocks):
+    def record(self, model: nn.Module, call: _Call, handles: list[RemovableHandle]) -> None:
+        if len(model.double_blocks):  # the text length: the first double block's ``txt``
             handles.append(model.double_blocks[0].register_forward_pre_hook(call.on_text, with_kwargs=True))
-        for layer in layers:
-            block = self.block(model, layer)
-            handles.append(block.register_forward_pre_hook(call.pe_recorder(layer), with_kwargs=True))
-            hook = _hook(layer, call, sigma, rows, on_skip)
-            norms = submodules(block, layer, self.query_modules[layer.kind])
-            handles.extend(norm.register_forward_hook(hook) for norm in norms)
 
 
 class Flux2Family(FluxFamily):
@@ -163,6 +146,10 @@ class Flux2Family(FluxFamily):
     4 RoPE axes (Neo builds it from the same class with the ``flux2`` config: ``global_modulation``)."""
 
     name, title = "flux2", "Flux.2"
+    released: ClassVar[dict[str, dict[str, int]]] = {  # Neo huggingface_guess: depth from the checkpoint; BFL's
+        "flux2-klein-4b": {"double": 5, "single": 20},  # Klein configs
+        "flux2-klein-9b": {"double": 8, "single": 24},
+    }
     default = None
     default_source = (
         "no published Flux.2 layer choice (ComfyUI's 7-9 are Flux.1 indices, beyond Klein's 5 or 8 double blocks): "

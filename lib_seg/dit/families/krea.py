@@ -46,11 +46,7 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
-
-# Released block counts: Krea-2-Raw ``transformer/config.json`` ``num_layers`` 28 (Neo
-# ``backend/huggingface/krea/Krea-2-Raw``); Neo's detection counts ``blocks.N`` (``huggingface_guess/detection.py``).
-RELEASED = {"krea-2": 28}
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, has_blocks, placed
 
 
 def model_patch(model: nn.Module, channels: int) -> int | None:
@@ -93,20 +89,13 @@ def image_start(ids: torch.Tensor, after: int, grid: tuple[int, int]) -> int | N
 class _Call(CallFacts):
     """What one model call tells :meth:`Krea2Family.locate`: latent grid, text length, position ids."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.reset()
-
     def reset(self) -> None:
+        super().reset()
         self.latent: tuple[int, int, int] | None = None  # (C, H, W)
         self.frames = 1
         self.n_txt: int | None = None
-        self.ids: torch.Tensor | None = None
-        self._where: tuple[tuple[int, int], int] | str | None = None
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
+    def read(self, x: Any, call: dict[str, Any]) -> None:
         if torch.is_tensor(x) and x.dim() in (4, 5):
             self.latent = (int(x.shape[1]), *map(int, x.shape[-2:]))
             self.frames = int(x.shape[2]) if x.dim() == 5 else 1
@@ -116,15 +105,12 @@ class _Call(CallFacts):
         self.n_txt = int(x.shape[1]) if torch.is_tensor(x) and x.dim() == 4 else None
 
     def _locate(self) -> tuple[tuple[int, int], int] | str:
-        if self.latent is None:
-            return "the model call passed no 4D or 5D latent"
-        channels, height, width = self.latent
-        patch = model_patch(self.model, channels)
-        if patch is None:
-            return "the model's patch size could not be read"
+        found = self.latent_patch(model_patch, "4D or 5D")
+        if isinstance(found, str):
+            return found
         if self.n_txt is None:
             return "no (B, L, layers, width) text sequence reached the text fusion"
-        grid = patch_grid(height, width, patch, pad=True)
+        grid = patch_grid(*found, pad=True)
         start = None if self.ids is None else image_start(self.ids, self.n_txt, grid)
         if start is None:
             return (
@@ -138,14 +124,16 @@ class Krea2Family(AttentionCallFamily):
     """Krea 2: ``blocks`` of single-stream joint attention; the letter is ``s`` (``SingleStreamBlock``)."""
 
     name, title = "krea2", "Krea 2"
-    kinds = ("single",)
     attributes: ClassVar[dict[str, str]] = {"single": "blocks"}
     attention: ClassVar[dict[str, str]] = {"single": "attn"}
-    default = None
+    # Krea-2-Raw ``transformer/config.json`` ``num_layers`` 28 (Neo ``backend/huggingface/krea/Krea-2-Raw``); Neo's
+    # detection counts ``blocks.N`` (``huggingface_guess/detection.py``).
+    released: ClassVar[dict[str, dict[str, int]]] = {"krea-2": {"single": 28}}
     default_source = (
         "no published Krea 2 SEG, PAG or skip-layer choice: the middle block, s14 of Krea 2's 28 "
         "(Krea-2-Raw transformer/config.json)"
     )
+    facts, ids_from = _Call, "pe_embedder"
 
     def matches(self, model: Any) -> bool:
         if not has_blocks(model, "blocks") or not has_blocks(
@@ -156,12 +144,8 @@ class Krea2Family(AttentionCallFamily):
             isinstance(getattr(getattr(block, "attn", None), "qknorm", None), nn.Module) for block in model.blocks
         )
 
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+    def record(self, model: nn.Module, call: _Call, handles: list[RemovableHandle]) -> None:
         handles.append(model.txtfusion.register_forward_pre_hook(call.on_text, with_kwargs=True))
-        handles.append(model.pe_embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        return call
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
         grid, start = placed(record.where())
@@ -171,3 +155,5 @@ class Krea2Family(AttentionCallFamily):
 
 
 KREA2 = Krea2Family()
+# The block counts as tests/dit/test_krea.py reads them (the facts are :attr:`Krea2Family.released`).
+RELEASED = {model: blocks["single"] for model, blocks in KREA2.released.items()}

@@ -13,28 +13,28 @@ latent and the query count: every host pads odd sides except Forge 2.x's MMDiTX 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from lib_seg.core import blocks as dit_layers
 from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows, blur_image_queries
 
-from .base import DitFamily, SkipCallback, has_blocks, skipped, submodules
+from .base import CallFacts, QNormFamily, SkipCallback, has_blocks, skipped
 
 PATCH = 2  # SD3's x_embedder is a stride-2 convolution on every host
 
 
-class _Latent:
-    def __init__(self) -> None:
+class _Latent(CallFacts):
+    """The latent's ``(H, W)`` of one model call."""
+
+    def reset(self) -> None:
+        super().reset()
         self.shape: tuple[int, int] | None = None
 
-    def record(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
+    def on_model(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("x")
         self.shape = tuple(x.shape[-2:]) if torch.is_tensor(x) and x.dim() == 4 else None
 
@@ -59,35 +59,29 @@ def _hook(layer: DitLayer, latent: _Latent, sigma: float, rows: Rows, on_skip: S
     return hook
 
 
-class MMDiTFamily(DitFamily):
+class MMDiTFamily(QNormFamily):
     name, title = "mmdit", "SD3 / SD3.5"
     kinds = ("joint",)
+    released: ClassVar[dict[str, dict[str, int]]] = {
+        "sd3": {"joint": 24},
+        "sd3.5-medium": {"joint": 24},
+        "sd3.5-large": {"joint": 38},
+    }
     query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"joint": ("x_block.attn.ln_q", "x_block.attn2.ln_q")}
-    default = dit_layers.SD3_DEFAULT
+    # Stability's skip-layer guidance for SD3.5 Medium uses layers 7, 8, 9 (``Stability-AI/sd3.5``
+    # ``sd3_infer.py:509-518``); ComfyUI's ``SkipLayerGuidanceSD3`` defaults to "7, 8, 9"; diffusers' SLG and SEG
+    # guiders recommend ``[7, 8, 9]`` for SD3.5 Medium (its SEG guider itself has no default).  The same is used
+    # for SD3 Medium and SD3.5 Large, untuned.
+    default = "j7-9"
     default_source = (
         "Stability's skip-layer guidance for SD3.5 Medium (sd3_infer.py), ComfyUI's SkipLayerGuidanceSD3, "
         "diffusers' SLG/SEG guider docstrings: layers 7, 8, 9"
     )
+    facts = _Latent
+    hook = staticmethod(_hook)
 
     def matches(self, model: Any) -> bool:
         return has_blocks(model, "joint_blocks")
-
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
-        latent = _Latent()
-        handles.append(model.register_forward_pre_hook(latent.record, with_kwargs=True))
-        for layer in layers:
-            block = self.block(model, layer)
-            hook = _hook(layer, latent, sigma, rows, on_skip)
-            names = self.query_modules["joint"]
-            handles.extend(norm.register_forward_hook(hook) for norm in submodules(block, layer, names))
 
 
 MMDIT = MMDiTFamily()

@@ -25,6 +25,11 @@ of 32 where the checkpoint has ``cap_pad_token``; width 2304 = Lumina 2: 24 head
   ``pad_tokens_multiple`` (``lumina.py:351-353``); the image pad tokens follow the image.  Check: the
   position ids the model gives ``rope_embedder`` must put those tokens row-major on that grid (axes 1, 2
   = row, column, ``lumina.py:362-365``), else every block is skipped with a warning.
+* ComfyUI's own ``NextDiT`` (``comfy/ldm/lumina/model.py``, read at hiddenswitch/pip-and-uv-installable-ComfyUI
+  87606c5f) has the same modules and calls its module-global ``optimized_attention_masked`` (line 169) the
+  same way, but gives ``rope_embedder`` each segment's ids apart (caption, then the image, batch 1; Z-Image
+  Omni also reference images, SigLIP features and leftover captions), so the image is found by its own
+  segment's ids and placed at the end of the joint sequence (:meth:`_Call._image_segment`).
 """
 
 from __future__ import annotations
@@ -35,21 +40,15 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import model_patch_size, patch_grid, positions_fit_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, arguments, has_blocks, placed
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, has_blocks, placed
 
-# Main ``layers`` of the released models (each also has 2 noise_refiner + 2 context_refiner layers).
-RELEASED: dict[str, int] = {
-    "z-image-turbo": 30,  # Neo backend/huggingface/Tongyi-MAI/Z-Image-Turbo/transformer/config.json: n_layers 30
-    "neta-lumina": 26,  # Neo backend/huggingface/neta-art/Neta-Lumina/transformer/config.json: num_layers 26
-}  # Neo counts them from the checkpoint (detection.py:52), so other depths work the same
-
-Where = tuple[tuple[int, int], int]  # (grid, caption tokens before the image, pad tokens included)
+# (grid, caption tokens before the image, pad tokens included; None: the image ends the sequence, ComfyUI)
+Where = tuple[tuple[int, int], int | None]
 
 
 def _patch(model: nn.Module, channels: int) -> int | None:
@@ -79,59 +78,67 @@ def _z_image_modulation(model: nn.Module) -> bool:
     return isinstance(modulation, nn.Sequential) and len(modulation) > 0 and isinstance(modulation[0], nn.Linear)
 
 
-class _Call(CallFacts):
-    """What one model call tells :meth:`NextDiTFamily.locate`: the latent, the caption length, position ids."""
+def padded(n_tokens: int, model: nn.Module) -> int:
+    """``n_tokens`` rounded up to the model's ``pad_tokens_multiple`` (Z-Image's 32; none on Lumina 2)."""
+    multiple = getattr(model, "pad_tokens_multiple", None)
+    return n_tokens + ((-n_tokens) % multiple if isinstance(multiple, int) and multiple > 0 else 0)
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.reset()
+
+class _Call(CallFacts):
+    """What one model call tells :meth:`NextDiTFamily.locate`: the latent's (C, H, W), the caption length
+    (:meth:`CallFacts.read`), the position ids of every ``rope_embedder`` call (:attr:`segments`)."""
 
     def reset(self) -> None:
-        self.latent: tuple[int, int, int] | None = None  # (C, H, W)
-        self.n_context: int | None = None
-        self.ids: torch.Tensor | None = None
-        self._where: Where | str | None = None
+        super().reset()
+        self.segments: list[torch.Tensor] = []  # the ids of each rope_embedder call, in call order
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        call = arguments(model, args, kwargs)
-        x, context = call.get("x", args[0] if args else None), call.get("context")
-        if torch.is_tensor(x) and x.dim() == 4:
-            self.latent = tuple(x.shape[1:])
-        if torch.is_tensor(context) and context.dim() == 3:
-            self.n_context = int(context.shape[1])
+    def on_ids(self, embedder: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().on_ids(embedder, args, kwargs)
+        if self.ids is not None:
+            self.segments.append(self.ids)
 
     def _locate(self) -> Where | str:
-        if self.latent is None:
-            return "the model call passed no 4D latent"
-        channels, height, width = self.latent
-        patch = _patch(self.model, channels)
-        if patch is None:
-            return "the model's patch size could not be read"
-        grid = patch_grid(height, width, patch, pad=True)
+        found = self.latent_patch(_patch)
+        if isinstance(found, str):
+            return found
+        grid = patch_grid(*found, pad=True)
+        if len(self.segments) > 1:  # ComfyUI: one rope_embedder call per segment, the image's its own
+            return self._image_segment(grid)
         if self.n_context is None:
             return "the model call passed no caption sequence (context)"
-        multiple = getattr(self.model, "pad_tokens_multiple", None)
-        n_cap = self.n_context + ((-self.n_context) % multiple if isinstance(multiple, int) and multiple > 0 else 0)
-        if self.ids is not None:
-            stop = n_cap + grid[0] * grid[1]
-            if self.ids.shape[1] < stop or not positions_fit_grid(self.ids[:, n_cap:stop, 1:3], grid):
-                return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
-        return grid, n_cap
+        n_cap = padded(self.n_context, self.model)
+        return self.ids_misplace(n_cap, grid) or (grid, n_cap)
+
+    def _image_segment(self, grid: tuple[int, int]) -> Where | str:
+        """ComfyUI's ``NextDiT`` embeds each segment apart (``comfy/ldm/lumina/model.py``: the caption's ids in
+        ``embed_cap`` 662-665, the image's in ``embed_all`` 709-711, batch 1, its pad tokens' ids after its
+        ``h * w``; Z-Image Omni: reference images and SigLIP features before it, leftover captions after,
+        727-764) and joins them with the main image last (``padded_full_embed`` 804), so the image's tokens are
+        the sequence's last ``h * w`` and its pad (:meth:`NextDiTFamily.locate`; None marks that start).  The last
+        segment of the image's padded length whose ids lay its first ``h * w`` tokens row-major on the grid
+        is the main image's (it is embedded after every reference)."""
+        n_image = grid[0] * grid[1]
+        for ids in reversed(self.segments):
+            if ids.shape[1] == padded(n_image, self.model) and positions_fit_grid(ids[:, :n_image, 1:3], grid):
+                return grid, None
+        return f"the model's position ids do not lay its image tokens on the {grid[0]}x{grid[1]} grid"
 
 
 class NextDiTFamily(AttentionCallFamily):
     """Lumina Image 2 / Neta Lumina: ``layers`` (``l``) after ``noise_refiner`` and ``context_refiner``."""
 
     name, title = "lumina2", "Lumina Image 2 / Neta Lumina"
-    kinds = ("layer",)
     attributes: ClassVar[dict[str, str]] = {"layer": "layers"}
     attention: ClassVar[dict[str, str]] = {"layer": "attention"}
-    default = None
+    # Main ``layers`` (each model also has 2 noise_refiner + 2 context_refiner layers): Neo
+    # backend/huggingface/neta-art/Neta-Lumina/transformer/config.json num_layers 26; Neo counts them from the
+    # checkpoint (detection.py:52), so other depths work the same.
+    released: ClassVar[dict[str, dict[str, int]]] = {"neta-lumina": {"layer": 26}}
     default_source = (
         "no published SEG, PAG or skip-layer choice for NextDiT: the middle layer, l13 of Neta Lumina's 26 "
         "(Neo neta-art/Neta-Lumina/transformer/config.json)"
     )
+    facts, ids_from = _Call, "rope_embedder"
 
     def matches(self, model: Any) -> bool:
         return _is_nextdit(model) and not _z_image_modulation(model)
@@ -147,16 +154,12 @@ class NextDiTFamily(AttentionCallFamily):
         refiners = [block for stream in streams for block in stream]
         return [*refiners, *before], widen if before else [stream[-1] for stream in streams]
 
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
-        embedder = getattr(model, "rope_embedder", None)
-        if isinstance(embedder, nn.Module):
-            handles.append(embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        return call
-
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens:
         grid, n_cap = placed(record.where())
+        if n_cap is None:  # ComfyUI: the main image and its pad tokens end the joint sequence
+            n_cap = call.queries - padded(grid[0] * grid[1], record.model)
+            if n_cap < 0 or call.keys != call.queries:
+                raise Skip(f"its {call.queries} queries do not end with the {grid[0]}x{grid[1]} image")
         return ImageTokens(n_cap, grid, rows=rows)
 
 
@@ -164,6 +167,8 @@ class ZImageFamily(NextDiTFamily):
     """Z-Image (Turbo): NextDiT with ``z_image_modulation`` (:func:`_z_image_modulation`), width 3840."""
 
     name, title = "zimage", "Z-Image"
+    # Neo backend/huggingface/Tongyi-MAI/Z-Image-Turbo/transformer/config.json: n_layers 30 (main layers, as Lumina 2's)
+    released: ClassVar[dict[str, dict[str, int]]] = {"z-image-turbo": {"layer": 30}}
     default_source = (
         "no published SEG, PAG or skip-layer choice for Z-Image: the middle layer, l15 of Z-Image-Turbo's 30 "
         "(Neo Tongyi-MAI/Z-Image-Turbo/transformer/config.json)"

@@ -40,12 +40,8 @@ from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import patch_grid
 from lib_seg.dit.queries import Rows, blur_before_rope
 
-from .base import DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, QNormFamily, SkipCallback, has_blocks, skipped
 
-# Released block counts: Neo builds PiD as ``PidNet(**config)`` with only the LQ settings from
-# ``huggingface_guess/detection.py``, so ``PixDiT_T2I``'s defaults hold (``model.py`` 115-131): 14 patch blocks
-# (hidden 1536, 24 heads), 2 pixel blocks (attention 1152, 16 heads), patch 16, text 300 Gemma-2 tokens.
-RELEASED = {"pid": (14, 2)}
 NORMS = {"joint": "attn.q_norm_x", "block": "attn.q_norm"}
 ROTATIONS = {"joint": "pos_img", "block": "pos"}  # the ``attn`` argument holding the image tokens' rotations
 
@@ -62,29 +58,21 @@ def rotations_fit_grid(pe: torch.Tensor, grid: tuple[int, int]) -> bool:
     return (constant(even, 0) and constant(odd, 1)) or (constant(even, 1) and constant(odd, 0))
 
 
-class _Call:
+class _Call(CallFacts):
     """What one model call tells the hooks: the pixel size and batch, and each chosen layer's rotations."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def reset(self) -> None:
+        super().reset()
         self.size: tuple[int, int] | None = None
         self.batch = 0
-        self.pe: dict[DitLayer, torch.Tensor] = {}
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
-        ok = torch.is_tensor(x) and x.dim() == 4
-        self.size, self.batch = (tuple(map(int, x.shape[-2:])), int(x.shape[0])) if ok else (None, 0)
-        self.pe = {}
+    def read(self, x: Any, call: dict[str, Any]) -> None:
+        if torch.is_tensor(x) and x.dim() == 4:
+            self.size, self.batch = tuple(map(int, x.shape[-2:])), int(x.shape[0])
 
-    def rotations_recorder(self, layer: DitLayer):
-        def pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
-            pe = arguments(attn, args, kwargs).get(ROTATIONS[layer.kind])
-            self.pe[layer] = (
-                pe[None, None] if torch.is_tensor(pe) and pe.dim() == 4 else pe
-            )  # as ``apply_rope`` gets it
-
-        return pre_hook
+    def read_block(self, layer: DitLayer, call: dict[str, Any]) -> Any:
+        pe = call.get(ROTATIONS[layer.kind])
+        return pe[None, None] if torch.is_tensor(pe) and pe.dim() == 4 else pe  # as ``apply_rope`` gets it
 
     def tile_lq(self, _lq_proj: nn.Module, _args: tuple, features: Any) -> Any:
         """PiD's LQ features, one row per image, tiled to a batched SEG call's rows."""
@@ -95,7 +83,7 @@ class _Call:
             return None
         return type(features)(f.repeat(self.batch // rows, *([1] * (f.dim() - 1))) for f in features)
 
-    def grid(self) -> tuple[int, int] | str:
+    def _locate(self) -> tuple[int, int] | str:
         patch = getattr(self.model, "patch_size", None)
         if self.size is None or not isinstance(patch, int) or patch < 1:
             return "the model call passed no 4D image, or the model has no patch size"
@@ -106,10 +94,10 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
     """Forward hook on the image q-norm: ``q -> R^-1 blur(R q)`` over the patch grid."""
 
     def hook(_norm: nn.Module, _args: tuple, q: torch.Tensor) -> Any:
-        grid = call.grid()
+        grid = call.where()
         if isinstance(grid, str):
             return skipped(on_skip, layer, q.shape[-2], None, grid)
-        pe = call.pe.get(layer)
+        pe = call.seen.get(layer)
         if q.dim() != 4 or q.shape[2] != grid[0] * grid[1]:
             return skipped(on_skip, layer, q.shape[-2], grid)
         if not torch.is_tensor(pe) or not rotations_fit_grid(pe, grid):
@@ -120,14 +108,18 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
     return hook
 
 
-class PixelDiTFamily(DitFamily):
+class PixelDiTFamily(QNormFamily):
     """PixelDiT / PiD: ``patch_blocks`` (``j``, MMDiT joint) then ``pixel_blocks`` (``b``, image self-attention)."""
 
     query_modules: ClassVar[dict[str, tuple[str, ...]]] = {kind: (name,) for kind, name in NORMS.items()}
     name, title = "pixeldit", "PixelDiT / PiD"
-    kinds = ("joint", "block")
     attributes: ClassVar[dict[str, str]] = {"joint": "patch_blocks", "block": "pixel_blocks"}
-    default = None
+    # Neo builds PiD as ``PidNet(**config)`` with only the LQ settings from ``huggingface_guess/detection.py``, so
+    # ``PixDiT_T2I``'s defaults hold (``model.py`` 115-131): 14 patch blocks (hidden 1536, 24 heads), 2 pixel blocks
+    # (attention 1152, 16 heads), patch 16, text 300 Gemma-2 tokens.
+    released: ClassVar[dict[str, dict[str, int]]] = {"pid": {"joint": 14, "block": 2}}
+    facts, arguments_of = _Call, "attn"  # ``attn``'s rotations (:data:`ROTATIONS`)
+    hook = staticmethod(_hook)
     default_source = (
         "no published PixelDiT or PiD SEG, PAG or skip-layer choice: the middle patch block (j7 of 14); the two "
         "pixel blocks are the per-pixel decoder head, right before the output, and are not chosen by default"
@@ -145,28 +137,16 @@ class PixelDiTFamily(DitFamily):
     # ``B * Hs * Ws`` rows, so slimmed SEG rows would not fit there.
     prefix_reuse = False
 
-    def default_spec(self, model: nn.Module) -> str:
-        patch = len(self.block_list(model, "joint"))
-        return f"j{patch // 2}" if patch else dit_layers.default_layers(self.layers(model))
+    def default_for(self, layers: Iterable[DitLayer]) -> str:
+        layers = tuple(layers)
+        patch = sum(layer.kind == "joint" for layer in layers)
+        return f"j{patch // 2}" if patch else dit_layers.default_layers(layers)
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+    def record(self, model: nn.Module, call: _Call, handles: list[RemovableHandle]) -> None:
         if isinstance(getattr(model, "lq_proj", None), nn.Module):
             handles.append(model.lq_proj.register_forward_hook(call.tile_lq))
-        for layer in layers:
-            block = self.block(model, layer)
-            attn, norm = submodules(block, layer, ["attn"])[0], submodules(block, layer, [NORMS[layer.kind]])[0]
-            handles.append(attn.register_forward_pre_hook(call.rotations_recorder(layer), with_kwargs=True))
-            handles.append(norm.register_forward_hook(_hook(layer, call, sigma, rows, on_skip)))
 
 
 PIXELDIT = PixelDiTFamily()
+# The block counts as tests/dit/test_pixeldit.py reads them (the facts are :attr:`PixelDiTFamily.released`).
+RELEASED = {model: (blocks["joint"], blocks["block"]) for model, blocks in PIXELDIT.released.items()}

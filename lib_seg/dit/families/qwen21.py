@@ -41,21 +41,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from lib_seg.core.blocks import DitLayer
 from lib_seg.dit.geometry import positions_fit_grid
 from lib_seg.dit.queries import Rows
 
-from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, arguments, has_blocks, placed
+from .base import AttentionCallFamily, CallFacts, CallShape, ImageTokens, Skip, has_structure, placed
 from .qwen import FOREIGN
 
-# Blocks of the released model: ``num_layers=32``, the default of ``QwenImage21Transformer2DModel`` in Neo's
-# ``backend/nn/qwen21.py`` (b3b8a1e5) and in ComfyUI's ``comfy/ldm/qwen_image21/model.py``; Neo's tree ships no
-# ``transformer/config.json`` for 2.1 (``backend/huggingface/Qwen/Qwen-Image-2.1`` has the VAE, scheduler and
-# text encoder only), and its detection counts ``transformer_blocks.N`` in the checkpoint, so other depths
-# work the same.
-RELEASED: dict[str, int] = {"qwen-image-2.1": 32}
 SIGNATURE = ("img_norm1", "attn.norm_q", "attn.norm_k", "img_mlp")  # what a Qwen-Image 2.1 block has
 QWEN_IMAGE_ONLY = ("img_mod", "txt_mod", "attn.norm_added_q")  # what a Qwen-Image (1) block has and 2.1's lacks
 MODEL_PARTS = ("pe_embedder", "img_in", "txt_in", "modulation")  # ``modulation``: one for every block
@@ -66,17 +59,11 @@ Where = tuple[tuple[int, int], int]  # (the target's grid, the tokens of the who
 class _Call(CallFacts):
     """What one model call tells :meth:`Qwen21Family.locate`: the latent's size and the position ids."""
 
-    def __init__(self) -> None:
-        self.reset()
-
     def reset(self) -> None:
+        super().reset()
         self.latent: tuple[int, int] | None = None  # (H, W)
-        self.ids: torch.Tensor | None = None
-        self._where: Where | str | None = None
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
+    def read(self, x: Any, call: dict[str, Any]) -> None:
         if torch.is_tensor(x) and x.dim() == 4:
             self.latent = (int(x.shape[-2]), int(x.shape[-1]))
 
@@ -104,30 +91,26 @@ class Qwen21Family(AttentionCallFamily):
     """Qwen-Image 2.1: ``transformer_blocks`` (``s``) with a shared ``modulation``, block-causal segments."""
 
     name, title = "qwen21", "Qwen-Image 2.1"
-    kinds = ("single",)
     attributes: ClassVar[dict[str, str]] = {"single": "transformer_blocks"}
     attention: ClassVar[dict[str, str]] = {"single": "attn"}
-    default = None
+    # ``num_layers=32``, the default of ``QwenImage21Transformer2DModel`` in Neo's ``backend/nn/qwen21.py``
+    # (b3b8a1e5) and in ComfyUI's ``comfy/ldm/qwen_image21/model.py``; Neo's tree ships no ``transformer/config.json``
+    # for 2.1 (``backend/huggingface/Qwen/Qwen-Image-2.1`` has the VAE, scheduler and text encoder only), and its
+    # detection counts ``transformer_blocks.N`` in the checkpoint, so other depths work the same.
+    released: ClassVar[dict[str, dict[str, int]]] = {"qwen-image-2.1": {"single": 32}}
     default_source = (
         "no published Qwen-Image 2.1 SEG, PAG or skip-layer choice: the middle block, s16 of the released 32 "
         "(num_layers in Neo's backend/nn/qwen21.py; Neo counts them from the checkpoint)"
     )
+    facts, ids_from = _Call, "pe_embedder"
 
     def matches(self, model: Any) -> bool:
-        if not has_blocks(model, "transformer_blocks") or not len(model.transformer_blocks):
-            return False
         if any(isinstance(getattr(model, name, None), nn.ModuleList) for name in FOREIGN):
             return False
-        if not all(isinstance(getattr(model, name, None), nn.Module) for name in MODEL_PARTS):
+        if not has_structure(model, "transformer_blocks", MODEL_PARTS, SIGNATURE):
             return False
         modules = dict(model.transformer_blocks[0].named_modules())
-        return all(name in modules for name in SIGNATURE) and not any(name in modules for name in QWEN_IMAGE_ONLY)
-
-    def record(self, model: nn.Module, handles: list[RemovableHandle]) -> _Call:
-        call = _Call()
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
-        handles.append(model.pe_embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        return call
+        return not any(name in modules for name in QWEN_IMAGE_ONLY)
 
     def locate(self, record: _Call, layer: DitLayer, call: CallShape, rows: Rows) -> ImageTokens | None:
         grid, total = placed(record.where())
@@ -143,3 +126,5 @@ class Qwen21Family(AttentionCallFamily):
 
 
 QWEN21 = Qwen21Family()
+# The block counts as tests/dit/test_qwen21.py reads them (the facts are :attr:`Qwen21Family.released`).
+RELEASED = {model: blocks["single"] for model, blocks in QWEN21.released.items()}

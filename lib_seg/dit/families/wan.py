@@ -25,13 +25,20 @@ Read at Neo ``webui/backend/nn/wan.py`` (de2193d; interfaces and math only, no c
   (``time_dim_concat``, ``wan.py:407-410``) are another latent's and stay as they are.  The ids the
   model gives ``rope_embedder`` must say the same (each frame one time position, rows and columns on
   the grid), and the query count must be the grid's; otherwise the block is skipped with a warning.
+* ComfyUI's own ``WanModel`` (``comfy/ldm/wan/model.py``, read at hiddenswitch/pip-and-uv-installable-ComfyUI
+  87606c5f; upstream master for the in-context latents) has the same modules and hook point (``norm_q`` line
+  58, ``apply_rope1`` 69-75); where its ``ref_conv`` takes a ``reference_latent``, that frame's tokens come
+  BEFORE the video (``concat((full_ref, x))`` 596-597) and its ids are frame 0 (``t_len += 1`` 691-692), so the
+  video is blurred from the second frame on; upstream's in-context latents (``context_latents``) are embedded
+  by further calls of ``patch_embedding`` and ``rope_embedder`` and appended after everything: only the first
+  call of each is the video's, the later ones' tokens are counted and left alone.
 * Neo's Refiner swaps the high- and low-noise experts of Wan 2.2 A14B: two model objects, each armed
   per call; nothing is cached per model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -39,42 +46,19 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lib_seg.core.blocks import DitLayer
-from lib_seg.core.blur import blur_queries
 from lib_seg.dit.geometry import patched_side, positions_fit_grid
-from lib_seg.dit.queries import Rows, apply_rope
+from lib_seg.dit.queries import Rows, blur_before_rope, blur_image_queries
 
-from .base import CallFacts, DitFamily, SkipCallback, arguments, has_blocks, skipped, submodules
+from .base import CallFacts, QNormFamily, SkipCallback, has_structure, skipped
 
-# Transformer blocks of the released models (``num_layers``; Wan-Video's ``wan/configs``: Wan2.1
-# ``wan_t2v_1_3B.py``, ``wan_t2v_14B.py``, ``wan_i2v_14B.py``; Wan2.2 ``wan_t2v_A14B.py``, ``wan_i2v_A14B.py``,
-# ``wan_ti2v_5B.py``); Neo reads the count from the checkpoint (``huggingface_guess/detection.py:80-104``).
-RELEASED = {
-    "wan2.1-t2v-1.3b": 30,  # dim 1536, 12 heads
-    "wan2.1-t2v-14b": 40,  # dim 5120, 40 heads (i2v and flf2v 14B alike)
-    "wan2.1-i2v-14b": 40,
-    "wan2.2-t2v-a14b": 40,  # each of the high- and low-noise experts
-    "wan2.2-i2v-a14b": 40,
-    "wan2.2-ti2v-5b": 30,  # dim 3072, 24 heads
-}
 Where = tuple[int, tuple[int, int], int]  # (video frames, (h, w), frames in the sequence)
 
 
 def blur_frames(tokens: torch.Tensor, frames: int, grid: tuple[int, int], sigma: float) -> torch.Tensor:
     """Blur ``(B, frames*h*w, C)`` tokens (frame-major, each frame row-major) frame by frame over its own
-    ``h x w`` grid: ``(B*frames, h*w, C)`` through :func:`lib_seg.core.blur.blur_queries` and back.
-    No temporal blur (see the module docstring)."""
-    batch, length, channels = tokens.shape
-    h_len, w_len = grid
-    if length != frames * h_len * w_len:
-        raise ValueError(f"{length} tokens are not {frames} frames of a {h_len}x{w_len} grid")
-    per_frame = tokens.reshape(batch * frames, h_len * w_len, channels)
-    return blur_queries(per_frame, h_len, w_len, sigma).reshape(batch, length, channels)
-
-
-def _batch(rows: Rows) -> slice | torch.Tensor:
-    if rows is None:
-        return slice(None)
-    return rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+    ``h x w`` grid (:func:`lib_seg.dit.queries.blur_image_queries` with ``frames``).  No temporal blur (see the
+    module docstring)."""
+    return blur_image_queries(tokens, slice(None), grid, sigma, "bld", frames=frames)
 
 
 def blur_frames_before_rope(
@@ -84,29 +68,17 @@ def blur_frames_before_rope(
     grid: tuple[int, int],
     sigma: float,
     rows: Rows = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Pre-RoPE queries ``q'`` with ``R q' = blur_frames(R q)`` on the first ``frames * h * w`` tokens.
+    """Pre-RoPE queries ``q'`` with ``R q' = blur_frames(R q)`` on the ``frames * h * w`` tokens from ``start``
+    (ComfyUI's reference frame comes first: ``start = h * w``).
 
     ``q``: (B, L, heads, D), as the host's q-norm returns it, before RoPE; ``freqs``: the rotations the
-    host applies next, (B or 1, L, 1, D/2, 2, 2).  Only the video tokens of the chosen batch ``rows``
-    are rotated (in float32 or wider), blurred frame by frame, rotated back and rounded once to
-    ``q.dtype``; other tokens and rows are returned bit for bit.  Exact up to that rounding, because
-    ``R^-1 = R^T`` for rotations.
+    host applies next, (B or 1, L, 1, D/2, 2, 2): :func:`lib_seg.dit.queries.blur_before_rope` in the
+    ``blhd`` layout, each frame over its own grid.  Other tokens and rows are returned bit for bit.
     """
-    n_video = frames * grid[0] * grid[1]
-    fits = q.dim() == 4 and freqs.dim() == 6 and freqs.shape[-2:] == (2, 2) and freqs.shape[0] in (1, q.shape[0])
-    if not fits or freqs.shape[1] != q.shape[1] or 2 * freqs.shape[-3] != q.shape[-1] or n_video > q.shape[1]:
-        raise ValueError(
-            f"rotations {tuple(freqs.shape)} and {n_video} video tokens do not fit queries {tuple(q.shape)}"
-        )
-    index = (_batch(rows), slice(0, n_video))
-    work = torch.promote_types(torch.promote_types(q.dtype, freqs.dtype), torch.float32)
-    turn = (freqs[index] if freqs.shape[0] == q.shape[0] else freqs[:, :n_video]).to(work)
-    rotated = apply_rope(q[index].to(work), turn)
-    blurred = blur_frames(rotated.flatten(2), frames, grid, sigma).view_as(rotated)
-    out = q.clone()
-    out[index] = apply_rope(blurred, turn.transpose(-1, -2)).to(q.dtype)
-    return out
+    video = slice(start, start + frames * grid[0] * grid[1])
+    return blur_before_rope(q, freqs, video, grid, sigma, rows, "blhd", frames)
 
 
 def ids_fit_frames(ids: torch.Tensor, frames: int, grid: tuple[int, int]) -> bool:
@@ -121,36 +93,42 @@ def ids_fit_frames(ids: torch.Tensor, frames: int, grid: tuple[int, int]) -> boo
 
 
 class _Call(CallFacts):
-    """What one model call tells the hooks: the latent's frames, the token grid, position ids, rotations."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.reset()
+    """What one model call tells the hooks: the latent's frames, the token grid, position ids, rotations, and
+    ComfyUI's further tokens: a reference frame before the video, in-context latents after it."""
 
     def reset(self) -> None:
+        super().reset()
         self.latent_frames: int | None = None
         self.tokens: tuple[int, int, int] | None = None  # (T', H', W') of the patch embedding
-        self.ids: torch.Tensor | None = None
-        self.freqs: dict[DitLayer, Any] = {}
-        self._where: Where | str | None = None
+        self.lead = 0  # frames before the video: ComfyUI's reference frame (``reference_latent``)
+        self.after = 0  # tokens of the patch embedding's later calls (ComfyUI's in-context latents), after it
+        self.seen_ids = False
 
-    def on_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.reset()
-        x = arguments(model, args, kwargs).get("x", args[0] if args else None)
+    def read(self, x: Any, call: dict[str, Any]) -> None:
         self.latent_frames = int(x.shape[2]) if torch.is_tensor(x) and x.dim() == 5 else None
+        extra = call.get("kwargs") if isinstance(call.get("kwargs"), dict) else {}
+        reference = call.get("reference_latent", extra.get("reference_latent"))
+        self.lead = int(torch.is_tensor(reference) and isinstance(getattr(self.model, "ref_conv", None), nn.Module))
 
     def on_patches(self, _embedding: nn.Module, _args: tuple, output: Any) -> None:
-        self.tokens = tuple(output.shape[2:]) if torch.is_tensor(output) and output.dim() == 5 else None
+        """The first call of a model call is the video's; ComfyUI calls the embedding again for each in-context
+        latent (``comfy/ldm/wan/model.py`` upstream ``forward_orig``; S2V, HuMo: their reference latents) and
+        appends those tokens after it."""
+        grid = tuple(output.shape[2:]) if torch.is_tensor(output) and output.dim() == 5 else None
+        if self.tokens is None:
+            self.tokens = grid
+        else:
+            self.after += math.prod(output.shape[2:]) if grid is not None else 0
 
     def on_ids(self, _embedder: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else next(iter(kwargs.values()), None)
-        self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 else None
+        """The first ids of a model call are the video's (ComfyUI's in-context latents get their own later)."""
+        if not self.seen_ids:
+            ids = args[0] if args else next(iter(kwargs.values()), None)
+            self.ids = ids if torch.is_tensor(ids) and ids.dim() == 3 else None  # checked by :func:`ids_fit_frames`
+            self.seen_ids = True
 
-    def freqs_recorder(self, layer: DitLayer):
-        def pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.freqs[layer] = arguments(block, args, kwargs).get("freqs")
-
-        return pre_hook
+    def read_block(self, layer: DitLayer, call: dict[str, Any]) -> Any:
+        return call.get("freqs")
 
     def _locate(self) -> Where | str:
         if self.latent_frames is None:
@@ -164,7 +142,7 @@ class _Call(CallFacts):
         total, h_len, w_len = self.tokens
         if frames > total:
             return f"{frames} latent frames do not fit the {total} frames of its tokens"
-        if self.ids is not None and not ids_fit_frames(self.ids, total, (h_len, w_len)):
+        if self.ids is not None and not ids_fit_frames(self.ids, self.lead + total, (h_len, w_len)):
             return f"the model's position ids do not lay its tokens frame by frame on the {h_len}x{w_len} grid"
         return frames, (h_len, w_len), total
 
@@ -177,63 +155,54 @@ def _hook(layer: DitLayer, call: _Call, sigma: float, rows: Rows, on_skip: SkipC
         if isinstance(where, str):
             return skipped(on_skip, layer, q.shape[1], None, where)
         frames, grid, total = where
-        if q.dim() != 3 or q.shape[1] != total * grid[0] * grid[1]:
+        n_frame = grid[0] * grid[1]
+        if q.dim() != 3 or q.shape[1] != (call.lead + total) * n_frame + call.after:
             return skipped(on_skip, layer, q.shape[1], grid)
-        freqs = call.freqs.get(layer)
+        freqs = call.seen.get(layer)
         fits = torch.is_tensor(freqs) and freqs.dim() == 6 and freqs.shape[1] == q.shape[1]
         if not fits or q.shape[-1] % (2 * freqs.shape[-3]):
             return skipped(on_skip, layer, q.shape[1], grid, "no RoPE rotations reached the block")
         heads = q.unflatten(-1, (-1, 2 * freqs.shape[-3]))  # (B, L, heads, D), as the host views it
-        return blur_frames_before_rope(heads, freqs, frames, grid, sigma, rows).flatten(2)
+        start = call.lead * n_frame
+        return blur_frames_before_rope(heads, freqs, frames, grid, sigma, rows, start).flatten(2)
 
     return hook
 
 
-def _has_modules(block: nn.Module, *names: str) -> bool:
-    modules = dict(block.named_modules())
-    return all(isinstance(modules.get(name), nn.Module) for name in names)
-
-
-class WanFamily(DitFamily):
+class WanFamily(QNormFamily):
     """Wan 2.1 / 2.2: ``blocks`` of self-attention (``self_attn.norm_q``), cross-attention and FFN;
     a 3D ``patch_embedding`` and a ``rope_embedder`` on the model."""
 
     name, title = "wan", "Wan 2.1 / 2.2"
-    kinds = ("block",)
     attributes: ClassVar[dict[str, str]] = {"block": "blocks"}
+    # Transformer blocks of the released models (``num_layers``; Wan-Video's ``wan/configs``: Wan2.1
+    # ``wan_t2v_1_3B.py``, ``wan_t2v_14B.py``, ``wan_i2v_14B.py``; Wan2.2 ``wan_t2v_A14B.py``, ``wan_i2v_A14B.py``,
+    # ``wan_ti2v_5B.py``); Neo reads the count from the checkpoint (``huggingface_guess/detection.py:80-104``).
+    released: ClassVar[dict[str, dict[str, int]]] = {
+        "wan2.1-t2v-1.3b": {"block": 30},  # dim 1536, 12 heads
+        "wan2.1-t2v-14b": {"block": 40},  # dim 5120, 40 heads (i2v and flf2v 14B alike)
+        "wan2.1-i2v-14b": {"block": 40},
+        "wan2.2-t2v-a14b": {"block": 40},  # each of the high- and low-noise experts
+        "wan2.2-i2v-a14b": {"block": 40},
+        "wan2.2-ti2v-5b": {"block": 30},  # dim 3072, 24 heads
+    }
     query_modules: ClassVar[dict[str, tuple[str, ...]]] = {"block": ("self_attn.norm_q",)}
-    default = None
     default_source = (
         "no published Wan SEG or PAG block choice was found, and Neo's tree names no skip-layer block (KJNodes' "
         "SkipLayerGuidanceWanVideo could not be read here): the middle block, b20 on the 40-block 14B / A14B "
         "experts, b15 on 1.3B and 5B"
     )
+    facts, ids_from, arguments_of = _Call, "rope_embedder", ""  # each chosen block's ``freqs``
+    hook = staticmethod(_hook)
 
     def matches(self, model: Any) -> bool:
-        if not has_blocks(model, "blocks") or not len(model.blocks):
-            return False
-        own = all(isinstance(getattr(model, name, None), nn.Module) for name in ("patch_embedding", "rope_embedder"))
-        return own and _has_modules(model.blocks[0], "self_attn.norm_q", "cross_attn")
+        parts = ("patch_embedding", "rope_embedder")
+        return has_structure(model, "blocks", parts, ("self_attn.norm_q", "cross_attn"))
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
-        call = _Call(model)
-        handles.append(model.register_forward_pre_hook(call.on_model, with_kwargs=True))
+    def record(self, model: nn.Module, call: _Call, handles: list[RemovableHandle]) -> None:
         handles.append(model.patch_embedding.register_forward_hook(call.on_patches))
-        handles.append(model.rope_embedder.register_forward_pre_hook(call.on_ids, with_kwargs=True))
-        for layer in layers:
-            block = self.block(model, layer)
-            handles.append(block.register_forward_pre_hook(call.freqs_recorder(layer), with_kwargs=True))
-            hook = _hook(layer, call, sigma, rows, on_skip)
-            norms = submodules(block, layer, self.query_modules["block"])
-            handles.extend(norm.register_forward_hook(hook) for norm in norms)
 
 
 WAN = WanFamily()
+# The block counts as tests/dit/test_wan.py reads them (the facts are :attr:`WanFamily.released`).
+RELEASED = {model: blocks["block"] for model, blocks in WAN.released.items()}
