@@ -135,7 +135,7 @@ from tests.support.dit_qwen21 import Block as Qwen21Block
 from tests.support.dit_qwen21 import TinyQwen21
 from tests.support.dit_wan import TinyWan
 
-KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3
+KIND = "forge"  # Forge 2.x, the Forge that runs Flux and SD3 (``--host comfyui``: ComfyUI, see ComfyJob)
 TIMED = ("cfg", "separate", "batched")
 STEP_SIGMA = 0.7  # flow matching: t = sigma in [0, 1]
 CASES = (
@@ -649,9 +649,57 @@ def padded_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
     return apply_model(pad(x), pad(args["timestep"]), **c)[:rows]
 
 
+class ComfyStep:
+    """One ComfyUI denoiser evaluation as KSampler runs it: ``comfy.samplers.sampling_function`` on the job's
+    current patcher (the imitation's, tests/support/forge_host.py kind ``comfyui``), with the step's call shape."""
+
+    def __init__(self, job: ComfyJob):
+        self.job, self.total_steps = job, None
+
+    def __call__(self, x, sigma, cond, uncond, cfg_scale):
+        patcher = self.job.sd_model.forge_objects.unet
+        samplers = sys.modules["comfy.samplers"]
+        return samplers.sampling_function(patcher.model, x, sigma, uncond, cond, cfg_scale, patcher.model_options)
+
+
+class ComfyJob:
+    """What :func:`step` and :func:`suffix_share` read of a job, for ComfyUI: the patcher and one evaluation."""
+
+    def __init__(self, patcher):
+        self.sd_model = type("SdModel", (), {})()
+        self.sd_model.forge_objects = type("ForgeObjects", (), {"unet": patcher})()
+        self.sampler = type("Sampler", (), {})()
+        self.sampler.model_wrap_cfg = ComfyStep(self)
+
+
+def comfy_processing(model: torch.nn.Module, mode: str, layers: str, sigma: float, host_model: type):
+    """``(job, layer text)`` for one mode on ComfyUI: the node's ``patch_model`` on a ModelPatcher (``off``: scale
+    0, which returns the patcher itself)."""
+    from lib_seg.comfy import adapter as comfy
+
+    patcher, text = host.UnetPatcher(host_model(model)), None
+    if mode in ("separate", "batched", "off", "padded"):
+        settings = comfy.settings(
+            scale=0.0 if mode == "off" else 3.0,
+            blur_sigma=10.0 if math.isinf(sigma) else sigma,
+            infinite_blur=math.isinf(sigma),
+            layers=layers,
+            start_percent=0.0,
+            end_percent=1.0,
+        )
+        patcher = comfy.patch_model(patcher, settings, batch_rows=mode == "batched")
+        text = comfy.layer_text(patcher, layers)
+    if mode == "padded":
+        patcher = patcher.clone()
+        patcher.set_model_unet_function_wrapper(padded_wrapper)
+    return ComfyJob(patcher), text
+
+
 def processing(model: torch.nn.Module, mode: str, layers: str, sigma: float, host_model: type = host.DitModel):
     """``(p, layer text)`` for one mode: ``cfg`` (no extension), ``separate``, ``batched``, ``off`` (SEG
     disabled through the adapter), ``padded`` (``separate`` with every model call padded: the noise floor)."""
+    if KIND == host.COMFYUI:
+        return comfy_processing(model, mode, layers, sigma, host_model)
     p, text = host.make_processing(KIND, model, model=host_model(model)), None
     if mode in ("separate", "batched", "off", "padded"):
         params = SegParams(enabled=mode != "off", layers=layers, blur_sigma=sigma)
@@ -830,6 +878,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="default 3 (--tiny: 2)")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 (--tiny: 2)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument(
+        "--host",
+        default="forge",
+        choices=("forge", "comfyui"),
+        help="the Forge 2.x imitation (patch_unet) or "
+        "ComfyUI's (the node's patch_model; its KSampler skips the uncond at CFG 1 as Forge does)",
+    )
     args = parser.parse_args()
     real = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cases": CASES, "warmup": 3, "repeats": 10}
     for key, value in (TINY_RUN if args.tiny else real).items():
@@ -847,7 +902,9 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def main() -> None:
+    global KIND
     args = parse_arguments()
+    KIND = host.COMFYUI if args.host == "comfyui" else KIND
     started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":  # a smoke run: one thread, so OpenMP does not stall on a busy shared CPU
@@ -856,9 +913,12 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     specs = TINY if args.tiny else FULL
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, not a benchmark)"
+    adapter = "Forge-family adapter on the Forge 2.x"
+    if KIND == host.COMFYUI:
+        adapter = "ComfyUI node (patch_model) on the ComfyUI"
     header = (
         f"Card: {card}; torch {torch.__version__}; {args.dtype}; {datetime.date.today().isoformat()}; "
-        f"Forge-family adapter on the Forge 2.x host imitation; {'tiny widths' if args.tiny else '1024²'}; "
+        f"{adapter} host imitation; {'tiny widths' if args.tiny else '1024²'}; "
         f"warm-up {args.warmup}, median of {args.repeats} interleaved steps"
     )
     print(header, flush=True)

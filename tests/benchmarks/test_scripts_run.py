@@ -108,10 +108,13 @@ def test_blur_speed_tiny(dtype: str) -> None:
         assert float(err) < 1e-2  # the script asserts it too; a NaN would not get here
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the dtype of the GPU run
-def test_dit_step_tiny(tmp_path: Path, dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "host"), [("float32", "forge"), ("bfloat16", "forge"), ("float32", "comfyui")]
+)  # bfloat16: the dtype of the GPU run; comfyui: the node's patch_model through ComfyUI's sampling function
+def test_dit_step_tiny(tmp_path: Path, dtype: str, host: str) -> None:
     out = tmp_path / "table.md"
-    run = run_module("benchmarks.dit_step", "--tiny", "--dtype", dtype, "--out", str(out)).check()
+    run = run_module("benchmarks.dit_step", "--tiny", "--dtype", dtype, "--host", host, "--out", str(out)).check()
+    assert ("ComfyUI node (patch_model)" in run.stdout) == (host == "comfyui")
     rows = _table(out)
     cases = [("flux (tiny)", "1", "1", "inf"), ("flux (tiny)", "2", "4", "10")]
     cases += [("sd35m (tiny)", "1", "4", "inf"), ("sd35m (tiny)", "2", "1", "10"), ("klein4b (tiny)", "1", "1", "inf")]
