@@ -36,10 +36,9 @@ from tools.dit_adapter_smoke import F32_OUTPUT_REL, IMAGES, SEG_SCALE, SIGMA_T, 
 WANTED = ("Flux", "Flux+Kontext", "Chroma", "Flux.2-Klein", "Flux.2-Klein+ref", "MMDiT", "MMDiT+attn2", "Z-Image")
 WANTED += ("Lumina 2", "Qwen-Image", "Qwen-Image-Edit", "Wan", "Wan 3-frame", "Anima", "Anima 3-frame")
 # Conds lib_seg.forge.rows does not copy into extra rows (not in its CONDITIONING_KEYS): a reference latent list
-# (``ref_latents``) and Lumina's / Z-Image's ``num_tokens`` (a CONDConstant that ``model_base.Lumina2.extra_conds``
-# always adds, model_base.py:1232-1235; the cases carry it as an input): with them SEG makes its own cond-only call
-# even when asked to batch (same result, one more call), which the call counts expect.
-ALONE = ("ref_latents", "num_tokens")
+# (``ref_latents``): with it SEG makes its own cond-only call even when asked to batch (same result, one more call),
+# which the call counts expect.  Lumina's / Z-Image's ``num_tokens`` (a CONDConstant, model_base.py:1232-1235) rides.
+ALONE = ("ref_latents",)
 TEXT_LENGTH = {"Flux2": 512}  # model_base.Flux2.extra_conds pads the text to 512 tokens (model_base.py:961-970)
 
 

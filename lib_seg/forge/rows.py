@@ -34,7 +34,11 @@ SEG_ROWS = "sd_webui_seg_rows"  # transformer_options key: (start, stop) of the 
 COND = 0
 CONDITIONING_KEYS = frozenset(
     {"c_crossattn", "c_concat", "y", "c_adm", "guidance", "transformer_options", "control", "control_model"}
-)  # "guidance": Flux's distilled-guidance value, one per row (Forge 2.x ``condition.py``, reForge ``model_base``)
+    | {"num_tokens", "attention_mask"}
+)  # "guidance": Flux's distilled-guidance value, one per row (Forge 2.x ``condition.py``, reForge ``model_base``);
+# ComfyUI's Lumina 2 / Z-Image (``model_base.Lumina2.extra_conds``, model_base.py:1224-1235): "num_tokens", a
+# ``CONDConstant`` int that every row of a call shares (conds with another value never share a call), and
+# "attention_mask", the text mask, one row per row.
 ROW_PATCH_KINDS = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")
 
 
@@ -62,8 +66,8 @@ def with_chunks(t: torch.Tensor, chunks: Sequence[int], chunk_rows: int) -> torc
 
 def _rows_copy(value: object, chunks: Sequence[int], chunk_rows: int, rows: int) -> tuple[bool, object]:
     """(ok, value with SEG rows) for a per-row tensor, a broadcast (1-row) tensor, None or lists/dicts of them."""
-    if value is None:
-        return True, None
+    if value is None or isinstance(value, bool | int | float):  # a constant shared by every row of the call
+        return True, value
     if torch.is_tensor(value):
         if value.dim() > 0 and value.shape[0] == rows:
             return True, with_chunks(value, chunks, chunk_rows)

@@ -344,3 +344,16 @@ def test_out_of_memory_in_the_batched_call_falls_back_for_the_pass(sd1, monkeypa
     assert rows == [6, 4, 2, 4, 2]  # the failed try once, then main and SEG calls
     assert_same(batched, separate)
     assert "out of memory with the SEG rows" in caplog.text
+
+
+def test_comfyui_lumina_conds_ride_along():
+    """ComfyUI's Lumina 2 / Z-Image conds (model_base.py:1224-1235, hiddenswitch/pip-and-uv-installable-ComfyUI
+    87606c5f): ``num_tokens`` is one int every row of the call shares; ``attention_mask`` has one row per row."""
+    args = call_args(flags=(1, 0, 0))
+    args["c"]["num_tokens"] = 37
+    args["c"]["attention_mask"] = torch.arange(6)[:, None].expand(6, 5)
+    call = forge_rows.batched_call(args)
+    assert call.c["num_tokens"] == 37
+    assert call.c["attention_mask"][:, 0].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
+    args["c"]["num_tokens"] = "37"  # anything else that is no tensor still refuses
+    assert forge_rows.batched_call(args) is None
