@@ -28,9 +28,8 @@ No host module is imported at module level; the script passes host objects in.
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,6 +37,17 @@ from typing import Any
 import torch
 
 from lib_seg import step, targets
+from lib_seg.a1111.host import (  # noqa: F401 - the adapter's public names
+    cond_rows,
+    condition_dict,
+    crossattn,
+    custom_unet,
+    diffusion_model,
+    doubled,
+    layer_text,
+    query_target,
+    unsupported_reason,
+)
 from lib_seg.core import rows, schedule
 from lib_seg.core.params import SegParams
 from lib_seg.core.skips import SkipCallback
@@ -49,68 +59,6 @@ RUN_ATTR = "_seg_run"
 WRAPPED_ATTR = "_seg_wrapped_combine"
 WRAPPED_FORWARD_ATTR = "_seg_wrapped_forward"
 ERROR_ATTR = "_seg_raises"
-
-
-def diffusion_model(sd_model: Any) -> Any:
-    """``sd_model.model.diffusion_model``: the ldm/sgm UNet, or SD3's MMDiT (``modules/models/sd3``)."""
-    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-
-
-def query_target(sd_model: Any) -> targets.QueryTarget | None:
-    return targets.query_target(diffusion_model(sd_model))
-
-
-def layer_text(sd_model: Any, spec: str) -> str:
-    """The canonical spec infotext records for this model; raises when the model lacks the layers."""
-    return query_target(sd_model).canonical(spec)
-
-
-def custom_unet() -> Any:
-    """The ``sd_unet`` setting's replacement UNet (TensorRT and the like), or None (A1111 ``modules/sd_unet.py``)."""
-    try:
-        from modules import sd_unet
-    except ImportError:
-        return None
-    return getattr(sd_unet, "current_unet", None)
-
-
-def unsupported_reason(sd_model: Any, custom_unet: Any = None) -> str | None:
-    """Why SEG cannot run on this model (None if it can).  Such models are left untouched."""
-    if getattr(sd_model, "cond_stage_key", None) == "edit":
-        return "edit models (InstructPix2Pix) are not supported"
-    if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
-        return "unCLIP models are not supported"
-    if custom_unet is not None:
-        return "a custom UNet (sd_unet setting, e.g. TensorRT) bypasses the attention layers"
-    if query_target(sd_model) is None:
-        return "this model is neither an ldm/sgm UNet nor an SD3 transformer (MMDiT)"
-    return None
-
-
-def condition_dict(text_cond: Any, image_cond: torch.Tensor) -> dict[str, Any]:
-    """The cond dict ``CFGDenoiser`` builds for ``inner_model`` (SDXL: crossattn/vector dict)."""
-    if isinstance(text_cond, Mapping):
-        return {**text_cond, "c_concat": [image_cond]}
-    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
-
-
-def _crossattn(text_cond: Any) -> torch.Tensor:
-    return text_cond["crossattn"] if isinstance(text_cond, Mapping) else text_cond
-
-
-def cond_rows(text_cond: Any) -> int:
-    return int(_crossattn(text_cond).shape[0])
-
-
-def _doubled(text_cond: Any) -> Any:
-    """The cond rows twice.  SDXL conds are A1111's ``DictWithShape`` (a dict with a ``shape``
-    property the host reads), so the copy keeps the class."""
-    if isinstance(text_cond, Mapping):
-        doubled = copy.copy(text_cond)
-        for key, value in text_cond.items():
-            doubled[key] = torch.cat([value, value])
-        return doubled
-    return torch.cat([text_cond, text_cond])
 
 
 @dataclass
@@ -156,7 +104,7 @@ class SegRun:
             return
         uncond = dp.x.shape[0] - n
         dp.x, dp.sigma, dp.image_cond = (rows.with_seg_rows(t, n) for t in (dp.x, dp.sigma, dp.image_cond))
-        dp.text_cond = _doubled(dp.text_cond)
+        dp.text_cond = doubled(dp.text_cond)
         self.batched = BatchedStep(n, (2 * n + uncond, 2 * n))
         if _wrap_inner_forward(dp.denoiser):
             self.wrapped_models.append(dp.denoiser.inner_model)
@@ -165,7 +113,7 @@ class SegRun:
     def _batchable(dp: Any) -> bool:
         """One main call holds every row only when cond and uncond have the same token count."""
         uncond = getattr(dp, "text_uncond", None)
-        return uncond is not None and _crossattn(dp.text_cond).shape[1:] == _crossattn(uncond).shape[1:]
+        return uncond is not None and crossattn(dp.text_cond).shape[1:] == crossattn(uncond).shape[1:]
 
     def step_for(self, target: targets.QueryTarget) -> SegStep:
         """The step on the network in use now; raises ``ValueError`` when it lacks the chosen layers."""
