@@ -3,7 +3,6 @@
 import pytest
 
 from lib_seg.core.blocks import (
-    DitLayer,
     canonical_spec,
     check_spec_syntax,
     default_layers,
@@ -11,22 +10,11 @@ from lib_seg.core.blocks import (
     model_layers,
     resolve_layers,
 )
+from tests.support.blocks import d, j, s
 
 # Flux.1's, SD3.5 Medium's and SD3.5 Large's blocks (the released models' are the families' facts,
 # tests/dit/test_released.py)
 FLUX, SD35M, SD35L = model_layers(double=19, single=38), model_layers(joint=24), model_layers(joint=38)
-
-
-def d(*indices):
-    return tuple(DitLayer("double", i) for i in indices)
-
-
-def s(*indices):
-    return tuple(DitLayer("single", i) for i in indices)
-
-
-def j(*indices):
-    return tuple(DitLayer("joint", i) for i in indices)
 
 
 def test_model_layers():

@@ -145,12 +145,7 @@ class ComfyNextDiT(TinyNextDiT):
     def forward(self, x, timesteps, context, num_tokens, attention_mask=None, transformer_options=None, **kwargs):
         options = {} if transformer_options is None else transformer_options
         _, _, height, width = x.shape
-        p = self.patch
-        x = pad_to_patch(x, p)
-        h_len, w_len = x.shape[-2] // p, x.shape[-1] // p
-        adaln = self.t_embedder((1.0 - timesteps)[:, None].to(x.dtype))
-        cap = self._pad(self.cap_embedder(context), getattr(self, "cap_pad_token", None))
-        img = self._pad(self.x_embedder(patchify(x, p, channels_last=True)), getattr(self, "x_pad_token", None))
+        adaln, cap, img, h_len, w_len = self.embed(x, timesteps, context)
         n_cap, n_img = cap.shape[1], h_len * w_len
         cap_ids = torch.zeros(1, n_cap, 3, dtype=torch.float64)
         cap_ids[..., 0] = torch.arange(n_cap, dtype=torch.float64) + 1
@@ -166,9 +161,7 @@ class ComfyNextDiT(TinyNextDiT):
         joint, freqs = torch.cat([cap, img], dim=1), torch.cat([cap_freqs, img_freqs], dim=1)
         for layer in self.layers:
             joint = layer(joint, None, freqs, adaln, transformer_options=options)
-        out = self.final_linear(self.final_norm(joint) * (1 + self.final_mod(adaln)[:, None]))
-        out = unpatchify(out[:, n_cap : n_cap + n_img], self.in_channels, h_len, w_len, p, channels_last=True)
-        return -out[..., :height, :width]
+        return self.head(joint, adaln, n_cap, h_len, w_len, height, width)
 
 
 def comfy_nextdit(pass_options: bool, **kwargs) -> ComfyNextDiT:

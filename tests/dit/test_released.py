@@ -4,10 +4,11 @@ middle block (PiD: the middle patch block)."""
 
 import pytest
 
-from lib_seg.core.blocks import DitLayer, canonical_spec, format_layers, model_layers, resolve_layers
+from lib_seg.core.blocks import canonical_spec, format_layers, model_layers, resolve_layers
 from lib_seg.dit.families import FAMILIES, released_models
 from lib_seg.dit.families.flux import FLUX1
 from lib_seg.dit.families.mmdit import MMDIT
+from tests.support.blocks import d, j, s
 
 RELEASED = {name: (family, layers) for family, name, layers in released_models()}
 FLUX, SD35M = RELEASED["flux"][1], RELEASED["sd3.5-medium"][1]
@@ -17,18 +18,6 @@ MIDDLE_OF_RELEASED = {
     **{"wan2.1-t2v-1.3b": "b15", "wan2.1-t2v-14b": "b20", "wan2.1-i2v-14b": "b20", "wan2.2-t2v-a14b": "b20"},
     **{"wan2.2-i2v-a14b": "b20", "wan2.2-ti2v-5b": "b15", "anima": "b14", "anima-2.9b": "b20", "anima-3.8b": "b26"},
 }
-
-
-def d(*indices):
-    return tuple(DitLayer("double", i) for i in indices)
-
-
-def s(*indices):
-    return tuple(DitLayer("single", i) for i in indices)
-
-
-def j(*indices):
-    return tuple(DitLayer("joint", i) for i in indices)
 
 
 def test_every_family_states_its_released_models_once():

@@ -213,14 +213,26 @@ class TinyNextDiT(nn.Module):
         extra = (-tokens.shape[1]) % self.pad_tokens_multiple
         return torch.cat([tokens, pad_token.to(tokens).expand(tokens.shape[0], extra, -1)], dim=1)
 
-    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kw):  # noqa: B006
-        batch, _, height, width = x.shape
+    def embed(self, x, timesteps, context) -> tuple:
+        """``(adaln, caption tokens, image tokens (padded), h_len, w_len)`` of a call, as ``patchify_and_embed``
+        makes them (the ids and rotations are the caller's: Neo and ComfyUI differ there)."""
         p = self.patch
         x = pad_to_patch(x, p)
         h_len, w_len = x.shape[-2] // p, x.shape[-1] // p
         adaln = self.t_embedder((1.0 - timesteps)[:, None].to(x.dtype))
         cap = self._pad(self.cap_embedder(context), getattr(self, "cap_pad_token", None))
         img = self._pad(self.x_embedder(patchify(x, p, channels_last=True)), getattr(self, "x_pad_token", None))
+        return adaln, cap, img, h_len, w_len
+
+    def head(self, joint, adaln, n_cap: int, h_len: int, w_len: int, height: int, width: int):
+        """The final layer on the image tokens, unpatchified and cropped to the latent."""
+        out = self.final_linear(self.final_norm(joint) * (1 + self.final_mod(adaln)[:, None]))
+        out = out[:, n_cap : n_cap + h_len * w_len]
+        return -unpatchify(out, self.in_channels, h_len, w_len, self.patch, channels_last=True)[..., :height, :width]
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kw):  # noqa: B006
+        batch, _, height, width = x.shape
+        adaln, cap, img, h_len, w_len = self.embed(x, timesteps, context)
         n_cap, n_img = cap.shape[1], h_len * w_len
         ids = position_ids(n_cap, h_len, w_len, img.shape[1] - n_img, batch, x.device)
         freqs = self.rope_embedder(ids).movedim(1, 2).to(x.dtype)  # (B, L, 1, D/2, 2, 2)
@@ -231,9 +243,7 @@ class TinyNextDiT(nn.Module):
         joint = torch.cat([cap, img], dim=1)
         for layer in self.layers:
             joint = layer(joint, None, freqs, adaln, transformer_options=transformer_options)
-        out = self.final_linear(self.final_norm(joint) * (1 + self.final_mod(adaln)[:, None]))
-        out = unpatchify(out[:, n_cap : n_cap + n_img], self.in_channels, h_len, w_len, p, channels_last=True)
-        return -out[..., :height, :width]
+        return self.head(joint, adaln, n_cap, h_len, w_len, height, width)
 
 
 def build(seed: int = 0, **kwargs) -> TinyNextDiT:
