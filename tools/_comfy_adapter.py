@@ -28,7 +28,16 @@ import dataclasses
 
 from tools import _comfy_cases as comfy_cases
 from tools import dit_backend_smoke as smoke
-from tools.dit_adapter_smoke import F32_OUTPUT_REL, IMAGES, SEG_SCALE, SIGMA_T, Family, counted_calls, raised
+from tools.dit_adapter_smoke import (
+    F32_OUTPUT_REL,
+    IMAGES,
+    SEG_SCALE,
+    SIGMA_T,
+    Family,
+    check_step,
+    counted_calls,
+    raised,
+)
 
 # The cases whose conditioning a prompt node (and a reference-latent node) gives; Wan's time_dim_concat and 2.1 i2v
 # (CLIP vision output, concat latent), Qwen-Image-Layered and Z-Image Omni need other nodes' conds and stay with
@@ -137,14 +146,10 @@ class ComfyUI:
                         with counted_calls(case.model) as calls:
                             out = self.step(clone, x, sigma, cond, uncond, cfg)
                         rides = batch_rows and not any(key in inputs for key in ALONE)
-                        want = [main_rows + IMAGES] if rides else [main_rows, IMAGES]
-                        err = float((out - expected).abs().max()) / scale
-                        effect = float((out - plain[cfg]).abs().max()) / scale
-                        ok = err <= rel and effect > smoke.EFFECT_FACTOR * rel and out.dtype == plain[cfg].dtype
-                        mode = "batched" if batch_rows else "separate"
-                        where = f"{label} {spec} sigma={blur} cfg={cfg:g} {mode}"
-                        report(ok, f"{where}: rel err {err:.2e} <= {rel:.1e}, effect {effect:.2e} (layers {text})")
-                        report(calls == want, f"{where}: transformer calls {calls} == {want}")
+                        where = f"{label} {spec} sigma={blur} cfg={cfg:g} {'batched' if batch_rows else 'separate'}"
+                        check_step(
+                            report, where, out, expected, plain[cfg], (scale, rel, text), calls, main_rows, rides
+                        )
                         report(smoke.no_hooks(case.model), f"{where}: no hooks left")
             off = adapter.patch_model(patcher, SegParams(enabled=True, scale=0.0))
             same = [bool(self.step(off, x, sigma, cond, uncond, cfg).equal(plain[cfg])) for cfg in (1.0, 4.0)]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import weakref
 
 from tools._neo_cases import GRID, LATENT, Draw, specs
+from tools._neo_cases import build as build_random
 from tools.dit_backend_smoke import (
     BATCH,
     FLOAT32_REL,
@@ -57,7 +58,6 @@ from tools.dit_backend_smoke import (
     SD3_CTX,
     Case,
     draw_inputs,
-    randomize,
 )
 
 N_GRID = GRID[0] * GRID[1]  # patch-2 image tokens of the 9 x 13 latent (5 x 7)
@@ -71,20 +71,9 @@ def ops():
 
 
 def tiny(model, dtype, seed: int = 0):
-    """The tool's random weights in ``dtype``, the model's own buffers kept (RoPE tables, pad tokens are
-    parameters and get random values), every torch norm's weight around 1."""
-    import torch
-    from torch import nn
-
-    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    randomize(model, seed)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
-        for module in model.modules():
-            if isinstance(module, nn.RMSNorm | nn.LayerNorm | nn.GroupNorm) and module.weight is not None:
-                module.weight.add_(1.0)
-    return model.to(dtype).eval()
+    """The tool's random weights in ``dtype``, the model's own buffers kept (RoPE tables; pad tokens are
+    parameters and get random values), every torch norm's weight around 1 (:func:`tools._neo_cases.build`)."""
+    return build_random(model, seed, dtype)
 
 
 # model -> (the ``comfy.supported_models`` class that builds it, its unet_config): how tools/dit_adapter_smoke.py

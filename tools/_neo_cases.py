@@ -50,9 +50,9 @@ GRID = ((LATENT[0] + 1) // 2, (LATENT[1] + 1) // 2)  # patch 2: 5 x 7
 T01, T1000 = (0.7, 0.4), (700.0, 400.0)  # timesteps as the families' predictors give them
 
 
-def build(model, seed: int = 0):
-    """The tool's random weights in float32, the host's own buffers kept (Anima's RoPE ranges), and every
-    torch norm's weight around 1 (so that q and k stay of order 1 and the blur has something to move)."""
+def build(model, seed: int = 0, dtype=None):
+    """The tool's random weights in float32 (or ``dtype``), the host's own buffers kept (Anima's RoPE ranges), and
+    every torch norm's weight around 1 (so that q and k stay of order 1 and the blur has something to move)."""
     import torch
     from torch import nn
 
@@ -64,7 +64,7 @@ def build(model, seed: int = 0):
         for module in model.modules():
             if isinstance(module, nn.RMSNorm | nn.LayerNorm | nn.GroupNorm) and module.weight is not None:
                 module.weight.add_(1.0)
-    return model.float().eval()
+    return model.to(dtype or torch.float32).eval()
 
 
 class Draw:

@@ -413,14 +413,8 @@ def run_case(host: str, api, case, report) -> None:
                     with counted_calls(case.model) as calls:
                         out = step(p, cfg)
                     rides = batch_rows and api.rows_ride_along()  # else SEG's own call, even when batching
-                    want = [main_rows + IMAGES] if rides else [main_rows, IMAGES]
-                    err = float((out - expected).abs().max()) / scale
-                    effect = float((out - plain[cfg]).abs().max()) / scale
-                    ok = err <= rel and effect > smoke.EFFECT_FACTOR * rel and out.dtype == plain[cfg].dtype
-                    mode = "batched" if batch_rows else "separate"
-                    where = f"{label} {spec} sigma={blur} cfg={cfg:g} {mode}"
-                    report(ok, f"{where}: rel err {err:.2e} <= {rel:.1e}, effect {effect:.2e} (layers {text})")
-                    report(calls == want, f"{where}: transformer calls {calls} == {want}")
+                    where = f"{label} {spec} sigma={blur} cfg={cfg:g} {'batched' if batch_rows else 'separate'}"
+                    check_step(report, where, out, expected, plain[cfg], (scale, rel, text), calls, main_rows, rides)
                     report(smoke.no_hooks(case.model), f"{where}: no hooks left")
         for params in (SegParams(enabled=False, layers="all"), SegParams(enabled=True, scale=0.0)):
             p = processing(patcher)
@@ -435,6 +429,19 @@ def run_case(host: str, api, case, report) -> None:
         report(installed is None and names, f"{label} layers j7: sampling raised {type(error).__name__}: {error}")
         report(smoke.no_hooks(case.model), f"{label}: no hooks left after the failed step")
     report(patcher.model_options == options, f"{label}: plain patcher's model_options untouched")
+
+
+def check_step(report, where: str, out, expected, plain, bound: tuple, calls: list, main_rows: int, rides: bool):
+    """One SEG step against the reference, ``bound = (scale, rel, the layers that ran)``: the relative error within
+    ``rel`` of ``scale``, an effect well over it, the output's dtype, and the transformer's calls (one batched call
+    where the SEG rows ride, else two)."""
+    scale, rel, layers = bound
+    err = float((out - expected).abs().max()) / scale
+    effect = float((out - plain).abs().max()) / scale
+    ok = err <= rel and effect > smoke.EFFECT_FACTOR * rel and out.dtype == plain.dtype
+    report(ok, f"{where}: rel err {err:.2e} <= {rel:.1e}, effect {effect:.2e} (layers {layers})")
+    want = [main_rows + IMAGES] if rides else [main_rows, IMAGES]
+    report(calls == want, f"{where}: transformer calls {calls} == {want}")
 
 
 def main() -> int:

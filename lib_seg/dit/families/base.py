@@ -243,15 +243,7 @@ class QNormFamily(DitFamily):
     # ("": the block itself; None: none)
     hook: ClassVar[Callable[..., QueryHook]]  # (layer, call, sigma, rows, on_skip) -> the q-norm's forward hook
 
-    def arm(
-        self,
-        model: nn.Module,
-        layers: Iterable[DitLayer],
-        sigma: float,
-        rows: Rows,
-        on_skip: SkipCallback | None,
-        handles: list[RemovableHandle],
-    ) -> None:
+    def arm(self, model, layers, sigma, rows, on_skip, handles) -> None:  # DitFamily.arm's signature
         call = self.recorded_call(model, handles)
         for layer in layers:
             block = self.block(model, layer)
