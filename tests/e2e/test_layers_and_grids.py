@@ -58,7 +58,7 @@ def test_token_merging_blurs_the_merged_layers(api, forge_family, model_layers, 
     d2, u9-u11).  SEG on d1 alone, finite sigma, must change the image against token merging alone and
     print no "left unblurred" warning."""
     if forge_family:  # Forge Classic applies it too, but SEG's Forge adapter leaves merged layers unblurred
-        pytest.skip("SEG handles A1111's tomesd token merging exactly only on A1111 (README, Forge and reForge)")
+        pytest.skip("SEG handles A1111's tomesd token merging exactly only on A1111 (docs/hosts.md, Forge and reForge)")
     if "d1" not in model_layers:
         pytest.skip("this model has no attention at full latent size (SDXL): token merging touches no SEG layer")
     status, body = api.post("/sdapi/v1/options", {"token_merging_ratio": 0.0})  # so the override is undone
