@@ -34,11 +34,13 @@ Each block's self-attention honours :class:`tests.support.dit_blocks.Hooks` (``B
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tests.support.dit_blocks import Hooks, attend, neo_attention, pad_to_patch
+from tests.support.sizes import Sizes
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -185,21 +187,18 @@ class PatchEmbed(nn.Module):
 
 
 class TinyAnima(nn.Module):
-    def __init__(
-        self,
-        in_channels: int = 4,
-        out_channels: int = 4,
-        patch_spatial: int = 2,
-        patch_temporal: int = 1,
-        model_channels: int = 32,
-        crossattn_emb_channels: int = 12,
-        adaln_lora_dim: int = 8,
-        num_blocks: int = 3,
-        num_heads: int = 2,
-        fused: bool = False,
-        kernel: str = "global",
-    ):
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=3, patch=2, context_dim=12).plus(
+        out_channels=4, patch_temporal=1, adaln_lora_dim=8
+    )
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(  # Cosmos' keyword names
+        in_channels="channels", model_channels="hidden", num_heads="heads", num_blocks="depth", patch_spatial="patch"
+    ) | dict(crossattn_emb_channels="context_dim")
+
+    def __init__(self, *, fused: bool = False, kernel: str = "global", **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        in_channels, out_channels, patch_spatial, patch_temporal = s.channels, s.out_channels, s.patch, s.patch_temporal
+        model_channels, num_heads, adaln_lora_dim = s.hidden, s.heads, s.adaln_lora_dim
         self.out_channels, self.patch_spatial, self.patch_temporal = out_channels, patch_spatial, patch_temporal
         self.model_channels = model_channels
         self.pos_embedder = VideoRope3D(model_channels // num_heads)
@@ -210,8 +209,7 @@ class TinyAnima(nn.Module):
         )
         self.x_embedder = PatchEmbed(patch_spatial, patch_temporal, in_channels + 1, model_channels)
         self.blocks = nn.ModuleList(
-            Block(model_channels, crossattn_emb_channels, num_heads, 2.0, adaln_lora_dim, fused, kernel)
-            for _ in range(num_blocks)
+            Block(model_channels, s.context_dim, num_heads, 2.0, adaln_lora_dim, fused, kernel) for _ in range(s.depth)
         )
         self.final_norm = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
         self.final_mod = nn.Linear(model_channels, 2 * model_channels, bias=False)

@@ -25,12 +25,14 @@ SEG must refuse.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tests.support.dit_blocks import EmbedND, Hooks, RMSNorm, attend, check_axes
+from tests.support.sizes import Sizes
 
 AXES = (4, 6, 6)  # head width 16 (hidden 32 / 2 heads); Ernie-Image: (32, 48, 48) of 128
 THETA = 256.0
@@ -113,28 +115,22 @@ class PosEmbed(EmbedND):
 
 
 class TinyErnie(nn.Module):
-    def __init__(
-        self,
-        channels: int = 8,
-        hidden: int = 32,
-        heads: int = 2,
-        layers: int = 3,
-        patch: int = 1,
-        text_in_dim: int = 12,
-        axes: tuple[int, ...] = AXES,
-        patch_attr: int | None = None,
-        transpose_ids: bool = False,
-    ):
+    SIZES = Sizes(channels=8, hidden=32, heads=2, depth=3, patch=1, context_dim=12, axes=AXES)
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(layers="depth", text_in_dim="context_dim")
+
+    def __init__(self, *, patch_attr: int | None = None, transpose_ids: bool = False, **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, patch, axes = s.channels, s.hidden, s.heads, s.patch, s.axes
         check_axes(axes, hidden, heads)
         self.channels, self.hidden, self.transpose_ids = channels, hidden, transpose_ids
         self.patch_size = patch if patch_attr is None else patch_attr
         self.x_embedder = PatchEmbed(channels, hidden, patch)
-        self.text_proj = nn.Linear(text_in_dim, hidden, bias=False)
+        self.text_proj = nn.Linear(s.context_dim, hidden, bias=False)
         self.time_embedding = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.pos_embed = PosEmbed(axes, THETA)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-        self.layers = nn.ModuleList(ErnieBlock(hidden, heads) for _ in range(layers))
+        self.layers = nn.ModuleList(ErnieBlock(hidden, heads) for _ in range(s.depth))
         self.final_norm, self.final_linear = RMSNorm(hidden), nn.Linear(hidden, patch * patch * channels)
 
     def forward(self, x, timesteps, context, **kwargs):

@@ -39,6 +39,7 @@ from tests.support.dit_blocks import (
     rope_complex,
     unpatchify,
 )
+from tests.support.sizes import Sizes
 
 AXES2 = (4, 4, 4, 4)  # four RoPE axes summing to the head width (hidden 32 / 2 heads)
 THETA2 = 2000.0
@@ -153,21 +154,12 @@ class TinyFlux2(nn.Module):
 
     global_modulation = True
 
-    def __init__(
-        self,
-        channels: int = 8,
-        hidden: int = 32,
-        heads: int = 2,
-        depth: int = 2,
-        single: int = 3,
-        patch: int = 1,
-        mlp_ratio: int = 2,
-        context_dim: int = 12,
-        axes: tuple[int, ...] = AXES2,
-        expose_patch: bool = True,
-        patch_attr: int | None = None,
-    ):
+    SIZES = Sizes(channels=8, hidden=32, heads=2, depth=2, single=3, patch=1, mlp_ratio=2, context_dim=12, axes=AXES2)
+
+    def __init__(self, *, expose_patch: bool = True, patch_attr: int | None = None, **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, patch, mlp_ratio, axes = s.channels, s.hidden, s.heads, s.patch, s.mlp_ratio, s.axes
         check_axes(axes, hidden, heads)
         self.channels, self.patch = channels, patch
         if expose_patch:
@@ -175,9 +167,9 @@ class TinyFlux2(nn.Module):
         self.pe_embedder = EmbedND(axes, THETA2)
         self.img_in = nn.Linear(channels * patch * patch, hidden, bias=False)
         self.time_in = nn.Linear(1, hidden, bias=False)
-        self.txt_in = nn.Linear(context_dim, hidden, bias=False)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(single))
+        self.txt_in = nn.Linear(s.context_dim, hidden, bias=False)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(s.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock2(hidden, heads, mlp_ratio) for _ in range(s.single))
         self.double_stream_modulation_img = SharedModulation(hidden, double=True)
         self.double_stream_modulation_txt = SharedModulation(hidden, double=True)
         self.single_stream_modulation = SharedModulation(hidden, double=False)

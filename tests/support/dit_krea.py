@@ -35,6 +35,7 @@ with ``logits`` set it computes softmax(logits) explicitly for the slow referenc
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 
 from tests.support import dit_blocks
 from tests.support.dit_blocks import EmbedND, Hooks, attend, pad_to_patch, patchify, rope_complex, unpatchify
+from tests.support.sizes import Sizes
 
 attention_function = dit_blocks.neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -183,22 +185,14 @@ class TinyKrea2(nn.Module):
     ``layout``: ``"2.26"`` or ``"2.29"`` (the module docstring); ``kernel``: the blocks' attention kernel.
     ``patch_attr``: a deliberately wrong ``patch`` attribute (the ids check must catch it)."""
 
-    def __init__(
-        self,
-        channels: int = 4,
-        features: int = 32,
-        heads: int = 2,
-        kvheads: int = 1,
-        layers: int = 3,
-        patch: int = 2,
-        txtdim: int = 8,
-        txtlayers: int = 3,
-        tdim: int = 8,
-        patch_attr: int | None = None,
-        layout: str = "2.26",
-        kernel: str = "global",
-    ):
+    SIZES = Sizes(channels=4, hidden=32, heads=2, kvheads=1, depth=3, patch=2, txtdim=8, txtlayers=3, tdim=8)
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(features="hidden", layers="depth")
+
+    def __init__(self, *, patch_attr: int | None = None, layout: str = "2.26", kernel: str = "global", **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, features, heads, patch = s.channels, s.hidden, s.heads, s.patch
+        txtdim, txtlayers, tdim = s.txtdim, s.txtlayers, s.tdim
         head = features // heads
         axes = (head - 12 * (head // 16), 6 * (head // 16), 6 * (head // 16))  # Neo's split (lines 332-334)
         if head < 16 or sum(axes) != head:
@@ -207,7 +201,7 @@ class TinyKrea2(nn.Module):
         self.tdim, self.txtdim, self.txtlayers, self.layout = tdim, txtdim, txtlayers, layout
         self.pe_embedder = EmbedND(axes, 1000.0)
         self.first = nn.Linear(channels * patch * patch, features)
-        self.blocks = nn.ModuleList(SingleStreamBlock(features, heads, kvheads, kernel) for _ in range(layers))
+        self.blocks = nn.ModuleList(SingleStreamBlock(features, heads, s.kvheads, kernel) for _ in range(s.depth))
         self.tmlp = nn.Sequential(nn.Linear(tdim, features), nn.GELU(approximate="tanh"), nn.Linear(features, features))
         self.txtfusion = TextFusionTransformer(txtlayers, txtdim, heads)
         self.txtmlp = nn.Sequential(RMSNorm(txtdim), nn.Linear(txtdim, features), nn.GELU(approximate="tanh"))

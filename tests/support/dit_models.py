@@ -37,6 +37,7 @@ from tests.support.dit_blocks import (
     token_ids,
     unpatchify,
 )
+from tests.support.sizes import Sizes
 
 AXES = (4, 6, 6)  # RoPE axes: their sum is the head width (hidden 32 / 2 heads)
 
@@ -57,27 +58,20 @@ class TinyFlux(nn.Module):
     ``axes``: the RoPE axes (their sum is the head width ``hidden / heads``); ``context_dim`` the text
     width (Flux: T5's 4096), ``vec_dim`` the pooled vector's (Flux: CLIP's 768)."""
 
-    def __init__(
-        self,
-        channels: int = 4,
-        hidden: int = 32,
-        heads: int = 2,
-        depth: int = 2,
-        single: int = 3,
-        mlp_ratio: int = 2,
-        context_dim: int = 12,
-        vec_dim: int = 8,
-        axes: tuple[int, ...] = AXES,
-    ):
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=2, single=3, mlp_ratio=2, context_dim=12, vec_dim=8, axes=AXES)
+
+    def __init__(self, **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, mlp_ratio, axes = s.channels, s.hidden, s.heads, s.mlp_ratio, s.axes
         check_axes(axes, hidden, heads)
         self.channels, self.axes = channels, tuple(axes)
         self.img_in = nn.Linear(4 * channels, hidden)
-        self.txt_in = nn.Linear(context_dim, hidden)
+        self.txt_in = nn.Linear(s.context_dim, hidden)
         self.time_in = nn.Linear(1, hidden)
-        self.vector_in = nn.Linear(vec_dim, hidden)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads, mlp_ratio) for _ in range(depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads, mlp_ratio) for _ in range(single))
+        self.vector_in = nn.Linear(s.vec_dim, hidden)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads, mlp_ratio) for _ in range(s.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads, mlp_ratio) for _ in range(s.single))
         self.final_layer = nn.Linear(hidden, 4 * channels)
 
     def forward(self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs):
@@ -108,29 +102,20 @@ class TinyMMDiT(nn.Module):
     ``context_dim``: the text width (SD3: 4096), ``y_dim`` the pooled vector's (SD3: 2048),
     ``pos_size``: sides of the position-embedding table (patches; the grid must fit in it)."""
 
-    def __init__(
-        self,
-        channels: int = 4,
-        hidden: int = 32,
-        heads: int = 2,
-        depth: int = 3,
-        pad: bool = False,
-        qk_norm: bool = True,
-        attn2_blocks: tuple[int, ...] = (),
-        mlp_ratio: int = 2,
-        context_dim: int = 12,
-        y_dim: int = 8,
-        pos_size: int = 16,
-    ):
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=3, mlp_ratio=2, context_dim=12, y_dim=8, pos_size=16)
+
+    def __init__(self, *, pad: bool = False, qk_norm: bool = True, attn2_blocks: tuple[int, ...] = (), **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, pos_size = s.channels, s.hidden, s.heads, s.pos_size
         self.channels, self.pad = channels, pad
         self.x_embedder = nn.Conv2d(channels, hidden, 2, stride=2)
         self.pos_embed = nn.Parameter(torch.zeros(1, hidden, pos_size, pos_size))
-        self.context_embedder = nn.Linear(context_dim, hidden)
+        self.context_embedder = nn.Linear(s.context_dim, hidden)
         self.t_embedder = nn.Linear(1, hidden)
-        self.y_embedder = nn.Linear(y_dim, hidden)
+        self.y_embedder = nn.Linear(s.y_dim, hidden)
         self.joint_blocks = nn.ModuleList(
-            JointBlock(hidden, heads, qk_norm, attn2=i in attn2_blocks, mlp_ratio=mlp_ratio) for i in range(depth)
+            JointBlock(hidden, heads, qk_norm, attn2=i in attn2_blocks, mlp_ratio=s.mlp_ratio) for i in range(s.depth)
         )
         self.final_layer = nn.Linear(hidden, 4 * channels)
 

@@ -45,6 +45,8 @@ logit-blur reference.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,7 @@ from tests.support.dit_blocks import (
     rope_complex,
     unpatchify,
 )
+from tests.support.sizes import Sizes
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -159,33 +162,31 @@ class TinyNextDiT(nn.Module):
     ``adaln_dim`` (the time embedding's width: Z-Image 256, Lumina 2 1024) and ``ffn_hidden`` (the
     SiLU-gated MLP's width: Z-Image 10240, Lumina 2 9216) also build the released layouts."""
 
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=3, patch=2, context_dim=12, axes=AXES).plus(
+        kv_heads=None, refiners=2, adaln_dim=16, ffn_hidden=None, theta=THETA
+    )
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(layers="depth")
+
     def __init__(
         self,
-        channels: int = 4,
-        hidden: int = 32,
-        heads: int = 2,
-        kv_heads: int | None = None,
-        layers: int = 3,
-        refiners: int = 2,
-        patch: int = 2,
-        context_dim: int = 12,
-        axes: tuple[int, ...] = AXES,
-        theta: float = THETA,
+        *,
         z_image: bool = True,
         pad_multiple: int | None = 4,
         qk_norm: bool = True,
         fused: bool = False,
         kernel: str = "global",
         patch_attr: int | None = None,
-        adaln_dim: int = 16,
-        ffn_hidden: int | None = None,
+        **sizes,
     ):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, patch, context_dim = s.channels, s.hidden, s.heads, s.patch, s.context_dim
+        axes, adaln_dim, ffn_hidden = s.axes, s.adaln_dim, s.ffn_hidden
         check_axes(axes, hidden, heads)
         self.in_channels, self.patch = channels, patch
         self.patch_size = patch if patch_attr is None else patch_attr
         self.pad_tokens_multiple = pad_multiple
-        kv_heads = heads if kv_heads is None else kv_heads
+        kv_heads = heads if s.kv_heads is None else s.kv_heads
 
         def block(modulation: bool) -> JointTransformerBlock:
             ffn = 2 * hidden if ffn_hidden is None else ffn_hidden
@@ -194,18 +195,18 @@ class TinyNextDiT(nn.Module):
             )
 
         self.x_embedder = nn.Linear(patch * patch * channels, hidden)
-        self.noise_refiner = nn.ModuleList(block(True) for _ in range(refiners))
-        self.context_refiner = nn.ModuleList(block(False) for _ in range(refiners))
+        self.noise_refiner = nn.ModuleList(block(True) for _ in range(s.refiners))
+        self.context_refiner = nn.ModuleList(block(False) for _ in range(s.refiners))
         self.t_embedder = nn.Sequential(nn.Linear(1, adaln_dim), nn.SiLU(), nn.Linear(adaln_dim, adaln_dim))
         self.cap_embedder = nn.Sequential(nn.RMSNorm(context_dim), nn.Linear(context_dim, hidden))
-        self.layers = nn.ModuleList(block(True) for _ in range(layers))
+        self.layers = nn.ModuleList(block(True) for _ in range(s.depth))
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, hidden))
         self.final_linear = nn.Linear(hidden, patch * patch * channels)
         if pad_multiple is not None:
             self.x_pad_token = nn.Parameter(torch.randn(1, hidden))
             self.cap_pad_token = nn.Parameter(torch.randn(1, hidden))
-        self.rope_embedder = EmbedND(axes, theta)
+        self.rope_embedder = EmbedND(axes, s.theta)
 
     def _pad(self, tokens: torch.Tensor, pad_token: nn.Parameter | None) -> torch.Tensor:
         if self.pad_tokens_multiple is None:

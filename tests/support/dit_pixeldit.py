@@ -26,12 +26,14 @@ grid SEG must refuse.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tests.support.dit_blocks import Hooks, RMSNorm, attend, pad_to_patch, rope_complex
+from tests.support.sizes import Sizes
 
 
 def axis_rope(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
@@ -162,23 +164,19 @@ class LQProjection(nn.Module):
 
 
 class TinyPixelDiT(nn.Module):
-    def __init__(
-        self,
-        in_channels: int = 3,
-        hidden_size: int = 32,
-        num_groups: int = 2,
-        pixel_hidden_size: int = 4,
-        pixel_attn_hidden_size: int = 24,
-        pixel_num_groups: int = 2,
-        patch_depth: int = 3,
-        pixel_depth: int = 2,
-        patch_size: int = 4,
-        txt_embed_dim: int = 12,
-        lq: bool = False,
-        patch_attr: int | None = None,
-        swap_rope: bool = False,
-    ):
+    SIZES = Sizes(channels=3, hidden=32, heads=2, depth=3, patch=4, context_dim=12).plus(
+        pixel_hidden_size=4, pixel_attn_hidden_size=24, pixel_num_groups=2, pixel_depth=2
+    )
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(  # PixelDiT's keyword names
+        in_channels="channels", hidden_size="hidden", num_groups="heads", patch_depth="depth", patch_size="patch"
+    ) | dict(txt_embed_dim="context_dim")
+
+    def __init__(self, *, lq: bool = False, patch_attr: int | None = None, swap_rope: bool = False, **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        in_channels, hidden_size, num_groups, patch_depth, patch_size = s.channels, s.hidden, s.heads, s.depth, s.patch
+        pixel_hidden_size, pixel_attn_hidden_size = s.pixel_hidden_size, s.pixel_attn_hidden_size
+        pixel_num_groups = s.pixel_num_groups
         self.in_channels, self.hidden_size, self.num_groups = in_channels, hidden_size, num_groups
         self.patch, self.patch_size, self.swap_rope = (
             patch_size,
@@ -188,11 +186,11 @@ class TinyPixelDiT(nn.Module):
         self.pixel_embedder = nn.Linear(in_channels, pixel_hidden_size)
         self.s_embedder = nn.Linear(in_channels * patch_size**2, hidden_size)
         self.t_embedder = nn.Sequential(nn.Linear(16, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.y_embedder = nn.Linear(txt_embed_dim, hidden_size)
+        self.y_embedder = nn.Linear(s.context_dim, hidden_size)
         self.patch_blocks = nn.ModuleList(PatchBlock(hidden_size, num_groups) for _ in range(patch_depth))
         self.pixel_blocks = nn.ModuleList(
             PixelBlock(pixel_hidden_size, hidden_size, patch_size, pixel_attn_hidden_size, pixel_num_groups, swap_rope)
-            for _ in range(pixel_depth)
+            for _ in range(s.pixel_depth)
         )
         self.final_layer = nn.Linear(pixel_hidden_size, in_channels)
         self.lq_latent: torch.Tensor | None = None  # PiD: Neo's ``dynamic_args.lq_latent[0]``

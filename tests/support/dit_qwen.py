@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.support.dit_blocks import EmbedND, Hooks, RMSNorm, attend, check_axes, pad_to_patch, patchify, unpatchify
+from tests.support.sizes import Sizes
 
 AXES = (4, 6, 6)  # three RoPE axes summing to the head width (hidden 32 / 2 heads); Qwen-Image: 16, 56, 56
 THETA = 10000.0
@@ -153,18 +154,12 @@ class TinyQwen(nn.Module):
     ``patch_size`` attribute, to check that the model's own position ids catch it (the host's patchify
     is 2x2 whatever the attribute says)."""
 
-    def __init__(
-        self,
-        channels: int = 4,
-        hidden: int = 32,
-        heads: int = 2,
-        depth: int = 3,
-        mlp_ratio: int = 2,
-        context_dim: int = 12,
-        axes: tuple[int, ...] = AXES,
-        patch_attr: int | None = None,
-    ):
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=3, mlp_ratio=2, context_dim=12, axes=AXES)
+
+    def __init__(self, *, patch_attr: int | None = None, **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, context_dim, axes = s.channels, s.hidden, s.heads, s.context_dim, s.axes
         check_axes(axes, hidden, heads)
         self.patch_size = 2 if patch_attr is None else patch_attr
         self.channels = channels
@@ -174,7 +169,7 @@ class TinyQwen(nn.Module):
         self.txt_norm = RMSNorm(context_dim)
         self.img_in = nn.Linear(4 * channels, hidden)
         self.txt_in = nn.Linear(context_dim, hidden)
-        self.transformer_blocks = nn.ModuleList(QwenBlock(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(QwenBlock(hidden, heads, s.mlp_ratio) for _ in range(s.depth))
         self.norm_out = nn.Linear(hidden, 2 * hidden)
         self.proj_out = nn.Linear(hidden, 4 * channels)
         self._offload: tuple[int, list[nn.Module]] | None = None

@@ -36,11 +36,14 @@ q/k/v records); the model keeps its last call's ``segments``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tests.support.dit_blocks import EmbedND, Hooks, attend, check_axes, neo_attention, rope_complex
+from tests.support.sizes import Sizes
 
 attention_function = neo_attention  # Neo: ``from backend.attention import attention_function``
 
@@ -157,17 +160,13 @@ class TinyQwen21(nn.Module):
     """Qwen-Image 2.1 at test size (released: 32 blocks, 32 heads x 128, ``context_in_dim`` 4096, 64 channels,
     ``mlp_ratio`` 3, axes 16/56/56)."""
 
-    def __init__(
-        self,
-        channels: int = 4,
-        hidden: int = 24,
-        heads: int = 2,
-        layers: int = 3,
-        context_dim: int = 8,
-        axes: tuple[int, ...] = AXES,
-        kernel: str = "global",
-    ):
+    SIZES = Sizes(channels=4, hidden=24, heads=2, depth=3, context_dim=8, axes=AXES)
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(layers="depth")
+
+    def __init__(self, *, kernel: str = "global", **sizes):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        channels, hidden, heads, context_dim, axes = s.channels, s.hidden, s.heads, s.context_dim, s.axes
         check_axes(axes, hidden, heads)
         self.out_channels, self.kernel = channels, kernel
         self.pe_embedder = EmbedND(axes)
@@ -175,7 +174,7 @@ class TinyQwen21(nn.Module):
         self.txt_in = nn.Sequential(nn.RMSNorm(context_dim), nn.Linear(context_dim, hidden), nn.GELU("tanh"))
         self.img_in = nn.Linear(channels, hidden, bias=False)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 4 * hidden, bias=False))
-        self.transformer_blocks = nn.ModuleList(Block(hidden, heads) for _ in range(layers))
+        self.transformer_blocks = nn.ModuleList(Block(hidden, heads) for _ in range(s.depth))
         self.norm_out = nn.Linear(hidden, hidden, bias=False)  # the last layer's scale
         self.proj_out = nn.Linear(hidden, channels, bias=False)
         self.segments: list[tuple[int, int, torch.Tensor | None]] = []

@@ -27,12 +27,14 @@ softmax, for the slow logit-blur reference; ``seen``: record q, k, v entering at
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from tests.support import dit_blocks
 from tests.support.dit_blocks import EmbedND, Hooks, attend, pad_to_patch, rope_complex
+from tests.support.sizes import Sizes
 
 
 def sinusoidal(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -132,24 +134,20 @@ def video_ids(t_len: int, h_len: int, w_len: int, batch: int, swap: bool = False
 class TinyWan(nn.Module):
     """Wan at test size; ``model_type="i2v"`` adds ``img_emb`` (CLIP features ``clip_fea`` of ``image_dim``)."""
 
+    SIZES = Sizes(channels=4, hidden=32, heads=2, depth=3, patch=(1, 2, 2), context_dim=12).plus(
+        ffn_dim=48, freq_dim=16, out_dim=4, image_dim=6
+    )
+    HOST_NAMES: ClassVar[dict[str, str]] = dict(  # Wan's keyword names
+        in_dim="channels", dim="hidden", num_heads="heads", num_layers="depth", patch_size="patch"
+    ) | dict(text_dim="context_dim")
+
     def __init__(
-        self,
-        model_type: str = "t2v",
-        patch_size: tuple[int, int, int] = (1, 2, 2),
-        in_dim: int = 4,
-        dim: int = 32,
-        ffn_dim: int = 48,
-        freq_dim: int = 16,
-        text_dim: int = 12,
-        out_dim: int = 4,
-        num_heads: int = 2,
-        num_layers: int = 3,
-        qk_norm: bool = True,
-        image_dim: int = 6,
-        extra_tokens: int = 0,
-        swap_ids: bool = False,
+        self, *, model_type: str = "t2v", qk_norm: bool = True, extra_tokens: int = 0, swap_ids: bool = False, **sizes
     ):
         super().__init__()
+        s = self.SIZES.for_call(type(self), sizes)
+        patch_size, in_dim, dim, num_heads, ffn_dim = s.patch, s.channels, s.hidden, s.heads, s.ffn_dim
+        text_dim, freq_dim, out_dim, image_dim = s.context_dim, s.freq_dim, s.out_dim, s.image_dim
         self.patch_size, self.in_dim, self.dim, self.freq_dim, self.out_dim = patch_size, in_dim, dim, freq_dim, out_dim
         self.extra_tokens, self.swap_ids = extra_tokens, swap_ids
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
@@ -157,9 +155,7 @@ class TinyWan(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         image = model_type == "i2v"
-        self.blocks = nn.ModuleList(
-            WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, image) for _ in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, image) for _ in range(s.depth))
         self.head = Head(dim, out_dim, patch_size)
         d = dim // num_heads
         self.rope_embedder = EmbedND((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)))
