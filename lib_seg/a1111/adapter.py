@@ -119,9 +119,13 @@ class SegRun:
         """The step on the network in use now; raises ``ValueError`` when it lacks the chosen layers."""
         key = id(target.model)
         if key not in self._steps:
-            window = (self.params.start, self.params.end)
             self._steps[key] = step.prepare(
-                target, self.params.layers, self.setting, window, prefix_reuse=self.prefix_reuse, on_skip=self.on_skip
+                target,
+                self.params.layers,
+                self.setting,
+                self.window,
+                prefix_reuse=self.prefix_reuse,
+                on_skip=self.on_skip,
             )
             self.on_skip = self._steps[key].on_skip  # one warning per layer across the pass's networks
         return self._steps[key]
@@ -133,61 +137,57 @@ class SegRun:
     def setting(self) -> tuple[float, float] | None:
         return self.params.for_pass(self.is_hr_pass) if self.params else None
 
+    @property
+    def window(self) -> tuple[float, float]:
+        return self.params.start, self.params.end
+
     def active(self, denoiser: Any) -> bool:
         if self.error is not None:
             raise self.error
         if self.setting is None:
             return False
-        return step.in_window(
-            (self.params.start, self.params.end), schedule.progress(denoiser.step, denoiser.total_steps or 0)
-        )
+        return step.in_window(self.window, schedule.progress(denoiser.step, denoiser.total_steps or 0))
 
     def main_call(self, denoiser: Any, original, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The batched main ``inner_model`` call: the step blurs the SEG rows; on OOM the main call is redone
         without them and this pass goes on with the separate call."""
-        batched = self.batched
+        batched, layout = self.batched, self.batched.layout(x.shape[0])
         seg = self.step_for(query_target(denoiser.p.sd_model))
 
         def slim() -> torch.Tensor:
-            return _without_the_seg_rows(original, batched, x, sigma, kwargs)
+            return _without_the_seg_rows(original, layout, x, sigma, kwargs)
 
-        out, batched.ran = seg.main_call(
-            lambda _options: original(x, sigma, **kwargs), batched.layout(x.shape[0]), {}, slim
-        )
+        out, batched.ran = seg.main_call(lambda _options: original(x, sigma, **kwargs), layout, {}, slim)
         self.batch_rows = self.batch_rows and batched.ran
         return out
 
-    def seg_prediction(self, denoiser: Any) -> torch.Tensor:
+    def seg_prediction(self, denoiser: Any, seg: SegStep) -> torch.Tensor:
         """One extra ``inner_model`` call on the cond rows with blurred queries."""
         if self.captured is None:
             raise RuntimeError("SEG: the cfg_denoiser callback did not run; is the script loaded?")
         x, sigma, image_cond, text_cond = self.captured
-        seg = self.step_for(query_target(denoiser.p.sd_model))
         return seg.separate_call(
             lambda _options: denoiser.inner_model(x, sigma, cond=condition_dict(text_cond, image_cond)), {}
         )
 
     def combine(self, denoiser: Any, denoised: torch.Tensor, x_out: torch.Tensor, conds_list: Sequence) -> torch.Tensor:
         batched, self.batched = self.batched, None
-        if batched is not None and batched.ran:
-            n = batched.n_cond
-            seg = self.step_for(query_target(denoiser.p.sd_model))
-            return seg.combine(denoised, x_out[:n], x_out[n : 2 * n], conds_list)
         if batched is None and not self.active(denoiser):  # a batch the host split up still gets SEG
             return denoised
-        cond_seg = self.seg_prediction(denoiser)
         seg = self.step_for(query_target(denoiser.p.sd_model))
+        if batched is not None and batched.ran:
+            n = batched.n_cond
+            return seg.combine(denoised, x_out[:n], x_out[n : 2 * n], conds_list)
+        cond_seg = self.seg_prediction(denoiser, seg)
         return seg.combine(denoised, x_out[: cond_seg.shape[0]], cond_seg, conds_list)
 
 
-def _without_the_seg_rows(original, step: BatchedStep, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict):
+def _without_the_seg_rows(original, layout: RowLayout, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict):
     """The main call without the SEG rows; they come back as unblurred copies of the cond rows, which
     nothing reads (the host reads the cond rows from the front and the uncond rows from the end, and
-    :meth:`SegRun.combine` makes the separate call since ``step.ran`` stays False)."""
-    total, n = x.shape[0], step.n_cond
-    slim = partial(rows.map_rows, rows=total, fn=partial(rows.without_seg_rows, n_cond=n))
-    out = original(slim(x), slim(sigma), **slim(kwargs))
-    return rows.with_seg_rows(out, n)
+    :meth:`SegRun.combine` makes the separate call since ``ran`` stays False)."""
+    slim = partial(rows.map_rows, rows=layout.total, fn=layout.drop)
+    return layout.expand(original(slim(x), slim(sigma), **slim(kwargs)))
 
 
 def _wrap_inner_forward(denoiser: Any) -> bool:

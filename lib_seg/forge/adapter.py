@@ -54,7 +54,7 @@ from lib_seg.forge.patches import (
     sampling_progress,
     set_block_grid_recorder,
     token_grid,
-    with_attn1_replaces,
+    with_replaces,
 )
 from lib_seg.forge.seg_pass import SEG_MARK, DenoiserClock, SegPass
 from lib_seg.unet import hooks as unet_hooks
@@ -66,7 +66,7 @@ __all__ = [
     "record_block_grid",
     "sampling_progress",
     "token_grid",
-    "with_attn1_replaces",
+    "with_replaces",
 ]
 
 log = logging.getLogger("sd_webui_seg")

@@ -35,14 +35,6 @@ def with_replaces(transformer_options: Mapping, patches: Mapping[tuple, Patch]) 
     return options
 
 
-def with_attn1_replaces(model_options: Mapping, patches: Mapping[tuple, Patch]) -> dict:
-    """A copy of ``model_options`` with ``patches`` added to its transformer options' attn1 replaces."""
-    return {
-        **model_options,
-        "transformer_options": with_replaces(model_options.get("transformer_options") or {}, patches),
-    }
-
-
 BLOCK_GRID = "seg_block_grid"
 
 

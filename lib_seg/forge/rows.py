@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lib_seg.step import RowLayout
+
 SEG_ROWS = "sd_webui_seg_rows"  # transformer_options key: (start, stop) of the SEG rows of this call
 COND = 0
 CONDITIONING_KEYS = frozenset(
@@ -121,6 +123,12 @@ class BatchedCall:
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         return with_chunks(t, self.chunks, self.chunk_rows)
+
+    @property
+    def layout(self) -> RowLayout:
+        """Where the SEG rows sit, for :meth:`lib_seg.step.SegStep.main_call`: appended after the host's rows."""
+        total = self.input.shape[0]
+        return RowLayout(total, slice(self.main_rows, total), self.drop, self.expand)
 
 
 def batched_call(args: Mapping) -> BatchedCall | None:

@@ -20,7 +20,7 @@ import torch
 from lib_seg.forge import host as forge_host
 from lib_seg.forge import rows as forge_rows
 from lib_seg.forge.patches import sampling_progress
-from lib_seg.step import RowLayout, SegStep
+from lib_seg.step import SegStep
 
 log = logging.getLogger("sd_webui_seg")
 SEG_MARK = "_sd_webui_seg_post_cfg"
@@ -95,12 +95,11 @@ class SegPass:
         call = self._batched_call(apply_model, args)
         if call is None:
             return unbatched()
-        layout = RowLayout(call.input.shape[0], slice(call.main_rows, call.input.shape[0]), call.drop, call.expand)
 
         def batched(options: dict) -> torch.Tensor:
             return apply_model(call.input, call.timestep, **{**call.c, "transformer_options": options})
 
-        out, ran = self.seg.main_call(batched, layout, call.c["transformer_options"], unbatched)
+        out, ran = self.seg.main_call(batched, call.layout, call.c["transformer_options"], unbatched)
         if not ran:
             return out
         chunk_shape = call.input[: call.chunk_rows].shape

@@ -440,19 +440,19 @@ def test_existing_attn1_replace_is_called_with_blurred_queries(sd1, monkeypatch,
     }
 
 
-def test_with_attn1_replaces_copies_on_write():
+def test_with_replaces_copies_on_write():
+    """The attn1 patches go into a copy of the call's transformer options; the patcher's dicts stay as they were."""
+
     def a(*_):
         return None
 
     def b(*_):
         return None
 
-    options = {"transformer_options": {"patches_replace": {"attn1": {("middle", 0): a}, "attn2": {}}, "x": 1}}
-    snapshot = {"transformer_options": {"patches_replace": {"attn1": {("middle", 0): a}, "attn2": {}}, "x": 1}}
-    new = forge.with_attn1_replaces(options, {("input", 1, 0): b})
+    options = {"patches_replace": {"attn1": {("middle", 0): a}, "attn2": {}}, "x": 1}
+    snapshot = {"patches_replace": {"attn1": {("middle", 0): a}, "attn2": {}}, "x": 1}
+    new = forge.with_replaces(options, {("input", 1, 0): b})
     assert options == snapshot
-    assert new["transformer_options"]["patches_replace"]["attn1"] == {("middle", 0): a, ("input", 1, 0): b}
-    assert new["transformer_options"]["x"] == 1
-    assert forge.with_attn1_replaces({}, {("middle", 0, 0): b}) == {
-        "transformer_options": {"patches_replace": {"attn1": {("middle", 0, 0): b}}}
-    }
+    assert new["patches_replace"]["attn1"] == {("middle", 0): a, ("input", 1, 0): b}
+    assert new["x"] == 1 and new["patches_replace"]["attn2"] == {}
+    assert forge.with_replaces({}, {("middle", 0, 0): b}) == {"patches_replace": {"attn1": {("middle", 0, 0): b}}}
