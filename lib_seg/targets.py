@@ -26,11 +26,9 @@ from lib_seg.unet import prefix as unet_prefix
 
 
 class QueryTarget:
-    """What every target shares: the module, whether it is a DiT (its layers are blocks), and
-    :meth:`blurring`, the one way :mod:`lib_seg.step` blurs a call."""
+    """What every target shares: the module, and :meth:`blurring`, the one way :mod:`lib_seg.step` blurs a call."""
 
-    is_dit = False
-    block_modifiers: tuple = ()  # Forge-family block modifiers the patcher must carry (attn1 patches' grid)
+    records_block_grid = False  # the Forge-family patcher must carry the block modifier that records each grid
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -79,8 +77,6 @@ class UnetTarget(QueryTarget):
 class DitTarget(QueryTarget):
     """A diffusion transformer of a family :mod:`lib_seg.dit.families` knows; layers are
     :class:`lib_seg.core.blocks.DitLayer`."""
-
-    is_dit = True
 
     @cached_property
     def available(self) -> tuple:

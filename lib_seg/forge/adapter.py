@@ -208,6 +208,6 @@ def patch_unet(
         p,
         patcher,
         *seg_functions(SegPass(kind, seg, DenoiserClock(denoiser))),
-        record_grid=bool(target.block_modifiers),
+        record_grid=target.records_block_grid,
     )
     return text

@@ -133,14 +133,14 @@ class PatchedUnet(targets.UnetTarget):
     """A Forge-family UNet, blurred through ``patches_replace["attn1"]`` entries in the call's transformer options.
 
     The hosts' ``BasicTransformerBlock`` hands an attn1 patch the exact token grid (reForge's
-    ``activations_shape``, :func:`record_block_grid` elsewhere, hence :attr:`block_modifiers`), which module
+    ``activations_shape``, :func:`record_block_grid` elsewhere, hence :attr:`records_block_grid`), which module
     hooks would have to rebuild.  An attn1 replace another extension registered for a key (StyleAlign,
     Reference-only) is called with the blurred queries instead of the host attention, so SEG keeps that
     extension's effect and the guidance holds only the blur.  ``rows``: only those rows of the call are
     blurred (:data:`lib_seg.forge.rows.SEG_ROWS`).
     """
 
-    block_modifiers = (record_block_grid,)
+    records_block_grid = True
 
     def __init__(self, model: Any, kind: str):
         super().__init__(model)
