@@ -125,7 +125,7 @@ def test_skip_warner_warns_once_per_layer_with_the_grid(caplog):
 
 
 def test_only_the_unet_layout_is_a_unet():
-    from lib_seg.targets import UnetTarget, query_target
+    from lib_seg.targets import DitTarget, UnetTarget, query_target
     from lib_seg.unet.hooks import as_ldm_unet
 
     unet = build_unet(TINY_SD1)
@@ -133,5 +133,5 @@ def test_only_the_unet_layout_is_a_unet():
     assert as_ldm_unet(torch.nn.Linear(2, 2)) is None
     assert as_ldm_unet(None) is None
     target = query_target(unet)
-    assert isinstance(target, UnetTarget) and target.model is unet and not target.is_dit
+    assert isinstance(target, UnetTarget) and target.model is unet and not isinstance(target, DitTarget)
     assert query_target(torch.nn.Linear(2, 2)) is None and query_target(None) is None
